@@ -1,0 +1,1 @@
+"""One module per paper experiment; each wires data + model + configuration into harness."""

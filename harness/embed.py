@@ -1,0 +1,315 @@
+"""InfluenceEmbedder: FactorHessian (fit) and influence embeddings (transform).
+
+mu(z) = lambda^{-1/2} M^T grad_theta L(z; theta), so that the practical influence of a
+training example z' on an example z is I(z', z) = mu(z')^T mu(z) (paper, eq. 2 and 5).
+
+**Which Hessian.** The paper writes both the mean (section 2) and the sum (Algorithm 3)
+of the per-example Hessians. We use the *mean* over the Hessian data by default
+(``hessian_reduction="mean"``), the Hessian of the objective the model was trained on;
+``"sum"`` gives Captum's convention. The two differ only by a factor: embeddings with
+"sum" equal embeddings with "mean" divided by sqrt(N'), influences by N'.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from harness.errors import InputError
+from harness.hessian import (
+    FunctionalLoss,
+    ParameterSelection,
+    arnoldi,
+    batch_length,
+    check_finite,
+    eval_mode,
+    iterate_batches,
+    select_parameters,
+    top_eigenpairs,
+)
+from harness.io import atomic_torch_save
+from harness.task import ClassificationTask, Task
+
+FACTORS_FORMAT = "harness.influence-factors/1"
+
+
+@dataclass
+class FactorConfig:
+    """How FactorHessian runs. Every field is an argument of InfluenceEmbedder."""
+
+    arnoldi_dim: int = field(default=500, metadata={"help": "P: Arnoldi iterations (HVP passes over the fit data)."})
+    embedding_dim: int = field(default=100, metadata={"help": "D: top eigenpairs kept; embedding width."})
+    seed: int = field(default=0, metadata={"help": "Seed of the Arnoldi start vector."})
+    hessian_reduction: str = field(default="mean", metadata={"help": "'mean' or 'sum' of per-example Hessians."})
+    eigenvalue_rtol: float = field(
+        default=1e-5,
+        metadata={"help": "Eigenvalues <= rtol * largest are dropped (no curvature, no inverse)."},
+    )
+    breakdown_tol: float = field(
+        default=1e-6, metadata={"help": "Arnoldi stops when a new direction's norm < tol * largest HVP norm."}
+    )
+    damping: float = field(default=0.0, metadata={"help": "Added to every kept eigenvalue (H + damping I)."})
+
+
+class InfluenceEmbedder:
+    """Influence embeddings of a trained model, scikit-learn style.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained model. Used in eval mode (BatchNorm statistics frozen, no dropout)
+        during fit and transform; its own mode is restored afterwards.
+    layers : str or sequence of str, optional
+        Module names (``"fc"``, ``"layer4"``, ``"bert.pooler.dense"``) or exact parameter
+        names whose parameters define theta. ``None``: every parameter with
+        ``requires_grad``.
+    arnoldi_dim : int
+        P, the number of Arnoldi iterations = Hessian-vector-product passes over the fit
+        data (paper: 500). Capped at the number of selected parameters.
+    embedding_dim : int
+        D, the number of top eigenpairs kept = embedding width (paper: 100). Fewer are
+        kept, with a warning, when the Hessian has fewer positive eigenvalues above
+        ``eigenvalue_rtol`` (e.g. softmax regression always has a null space).
+    seed : int
+        Seed of the random Arnoldi start vector; the same seed gives the same factors.
+    task : harness.Task, optional
+        Maps a batch to per-example losses. Default: :class:`ClassificationTask`
+        (batches ``(inputs, targets)``, cross-entropy).
+    hessian_reduction : {"mean", "sum"}
+        Hessian of the mean (default) or of the summed loss over the fit data.
+    eigenvalue_rtol, breakdown_tol, damping : float
+        See :class:`FactorConfig`.
+    device : str or torch.device, optional
+        Where gradients and HVPs are computed; default: the model's device.
+    basis_device : str or torch.device, optional
+        Where the P x |theta| Krylov basis is stored (e.g. ``"cpu"`` when it does not
+        fit on the accelerator); default: ``device``.
+    chunk_size : int, optional
+        Examples per vmap chunk when computing per-example gradients (bounds memory).
+    progress : bool
+        Show tqdm progress bars.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str] | str | None = None,
+        arnoldi_dim: int = 500,
+        embedding_dim: int = 100,
+        seed: int = 0,
+        *,
+        task: Task | None = None,
+        hessian_reduction: str = "mean",
+        eigenvalue_rtol: float = 1e-5,
+        breakdown_tol: float = 1e-6,
+        damping: float = 0.0,
+        device: str | torch.device | None = None,
+        basis_device: str | torch.device | None = None,
+        chunk_size: int | None = None,
+        progress: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        for name, value in (("arnoldi_dim", arnoldi_dim), ("embedding_dim", embedding_dim)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise InputError(f"{name} must be a positive integer; got {value!r}")
+        if embedding_dim > arnoldi_dim:
+            raise InputError(
+                f"embedding_dim ({embedding_dim}) > arnoldi_dim ({arnoldi_dim}): at most P eigenpairs exist"
+            )
+        if hessian_reduction not in ("mean", "sum"):
+            raise InputError(f"hessian_reduction must be 'mean' or 'sum'; got {hessian_reduction!r}")
+        if damping < 0 or eigenvalue_rtol < 0 or breakdown_tol < 0:
+            raise InputError("damping, eigenvalue_rtol and breakdown_tol must be >= 0")
+        self.model = model
+        self.layers = [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
+        self.config = FactorConfig(
+            arnoldi_dim=int(arnoldi_dim),
+            embedding_dim=int(embedding_dim),
+            seed=int(seed),
+            hessian_reduction=hessian_reduction,
+            eigenvalue_rtol=float(eigenvalue_rtol),
+            breakdown_tol=float(breakdown_tol),
+            damping=float(damping),
+        )
+        self.task = task if task is not None else ClassificationTask()
+        self.selection: ParameterSelection = select_parameters(model, self.layers)
+        first = next(model.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.basis_device = torch.device(basis_device) if basis_device is not None else self.device
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self._loss = FunctionalLoss(model, self.task, self.selection, chunk_size)
+
+    # ------------------------------------------------------------ fitted state
+    @property
+    def is_fitted(self) -> bool:
+        return hasattr(self, "eigenvalues_")
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise InputError("this InfluenceEmbedder is not fitted: call fit(loader) or InfluenceEmbedder.load first")
+
+    @property
+    def n_components_(self) -> int:
+        self._check_fitted()
+        return int(self.eigenvalues_.shape[0])
+
+    # ------------------------------------------------------------ fit = FactorHessian
+    def fit(self, loader: Iterable) -> "InfluenceEmbedder":
+        """FactorHessian on the examples of ``loader`` (a re-iterable of batches).
+
+        Runs P Arnoldi iterations, each one pass of forward-over-reverse HVPs over the
+        loader, then keeps the top-D eigenpairs (M, lambda) of the restricted Hessian.
+        Sets ``eigenvalues_`` (D,), ``factors_`` M (|theta|, D), ``ritz_residuals_``,
+        ``arnoldi_iterations_``, ``n_fit_examples_``.
+        """
+        cfg = self.config
+        self._loss = FunctionalLoss(self.model, self.task, self.selection, self.chunk_size)
+        with eval_mode(self.model):
+            params = {k: v.to(self.device) for k, v in self._loss.params().items()}
+            n_examples = 0
+            for _, batch in iterate_batches(loader, self.task, self._loss, self.device, validate=True, what="fit"):
+                n_examples += batch_length(batch)
+            scale = 1.0 / n_examples if cfg.hessian_reduction == "mean" else 1.0
+
+            def hessian_vector_product(vector: torch.Tensor) -> torch.Tensor:
+                total = torch.zeros_like(vector)
+                for _, batch in iterate_batches(
+                    loader, self.task, self._loss, self.device, validate=False, what="fit"
+                ):
+                    total += self._loss.hvp(params, batch, vector)
+                return total * scale
+
+            generator = torch.Generator().manual_seed(cfg.seed)
+            dtype = next(iter(params.values())).dtype
+            result = arnoldi(
+                hessian_vector_product,
+                self.selection.numel,
+                cfg.arnoldi_dim,
+                generator=generator,
+                dtype=dtype,
+                device=self.device,
+                basis_device=self.basis_device,
+                breakdown_tol=cfg.breakdown_tol,
+                progress=self.progress,
+            )
+        values, vectors, residuals, spectrum = top_eigenpairs(result.hessenberg, cfg.embedding_dim, cfg.eigenvalue_rtol)
+        if len(values) < cfg.embedding_dim:
+            warnings.warn(
+                f"kept {len(values)} of embedding_dim={cfg.embedding_dim} eigenpairs: the rest have eigenvalue "
+                f"<= {cfg.eigenvalue_rtol:g} x largest (the Hessian is rank-deficient or not positive definite "
+                f"there, or P={result.basis.shape[0]} Arnoldi iterations found no more)",
+                stacklevel=2,
+            )
+        vectors_t = torch.as_tensor(vectors, dtype=result.basis.dtype, device=result.basis.device)
+        self.factors_ = (result.basis.T @ vectors_t).to(self.device)  # M = Q V
+        self.eigenvalues_ = torch.as_tensor(values + cfg.damping, dtype=torch.float64)
+        self.ritz_residuals_ = residuals
+        self.arnoldi_spectrum_ = spectrum
+        self.arnoldi_iterations_ = int(result.basis.shape[0])
+        self.arnoldi_breakdown_ = bool(result.breakdown)
+        self.n_fit_examples_ = int(n_examples)
+        self._projection = None
+        return self
+
+    # ------------------------------------------------------------ transform
+    @property
+    def projection_(self) -> torch.Tensor:
+        """M lambda^{-1/2}, (|theta|, D): embeddings are gradients times this matrix."""
+        self._check_fitted()
+        if self._projection is None:
+            inv_sqrt = self.eigenvalues_.rsqrt().to(self.factors_.dtype).to(self.factors_.device)
+            self._projection = self.factors_ * inv_sqrt
+        return self._projection
+
+    def gradients(self, loader: Iterable) -> Iterable[torch.Tensor]:
+        """Yields (B, |theta|) per-example gradient blocks, one per batch (for inspection/tests)."""
+        with eval_mode(self.model):
+            params = {k: v.to(self.device) for k, v in self._loss.params().items()}
+            for i, batch in iterate_batches(loader, self.task, self._loss, self.device, validate=True, what="input"):
+                grads = self._loss.per_example_grads(params, batch)
+                check_finite(grads, f"the per-example gradients of batch {i}")
+                yield grads
+
+    def transform(self, loader: Iterable) -> np.ndarray:
+        """Influence embeddings, (N, n_components_) float32, in loader order.
+
+        Streams: only one batch of per-example gradients exists at a time.
+        """
+        projection = self.projection_
+        blocks = []
+        total = len(loader) if hasattr(loader, "__len__") else None
+        bar = tqdm(self.gradients(loader), total=total, desc="influence embeddings", disable=not self.progress, leave=False)
+        for grads in bar:
+            blocks.append((grads @ projection).cpu())
+        out = torch.cat(blocks).numpy().astype(np.float32, copy=False)
+        return out
+
+    def fit_transform(self, loader: Iterable) -> np.ndarray:
+        return self.fit(loader).transform(loader)
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes the fitted factors atomically (a crash leaves no half-written file)."""
+        self._check_fitted()
+        path = Path(path)
+        state = {
+            "format": FACTORS_FORMAT,
+            "config": asdict(self.config),
+            "layers": self.layers,
+            "parameter_names": list(self.selection.names),
+            "parameter_shapes": [list(s) for s in self.selection.shapes],
+            "factors": self.factors_.cpu(),
+            "eigenvalues": self.eigenvalues_,
+            "ritz_residuals": self.ritz_residuals_,
+            "arnoldi_spectrum": self.arnoldi_spectrum_,
+            "arnoldi_iterations": self.arnoldi_iterations_,
+            "arnoldi_breakdown": self.arnoldi_breakdown_,
+            "n_fit_examples": self.n_fit_examples_,
+        }
+        atomic_torch_save(state, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module, **kwargs: Any) -> "InfluenceEmbedder":
+        """Rebuilds a fitted embedder for ``model`` from :meth:`save`'s file.
+
+        ``kwargs`` (task, device, chunk_size, progress, ...) are passed to the constructor.
+        Raises ``InputError`` when the file is not ours or the model's selected
+        parameters differ in name or shape from those the factors were fitted on.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"no factors file at {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # torch raises many types for corrupt files
+            raise InputError(f"{path} is not a readable factors file: {exc}") from exc
+        if not isinstance(state, dict) or state.get("format") != FACTORS_FORMAT:
+            raise InputError(f"{path} is not an InfluenceEmbedder factors file ({FACTORS_FORMAT})")
+        embedder = cls(model, layers=state["layers"], **state["config"], **kwargs)
+        expected = list(zip(state["parameter_names"], state["parameter_shapes"]))
+        actual = [(n, list(s)) for n, s in zip(embedder.selection.names, embedder.selection.shapes)]
+        if expected != actual:
+            raise InputError(
+                f"the model's selected parameters do not match the saved factors: saved {expected[:3]}..., "
+                f"model {actual[:3]}..."
+            )
+        embedder.factors_ = state["factors"].to(embedder.device)
+        embedder.eigenvalues_ = state["eigenvalues"]
+        embedder.ritz_residuals_ = state["ritz_residuals"]
+        embedder.arnoldi_spectrum_ = state["arnoldi_spectrum"]
+        embedder.arnoldi_iterations_ = state["arnoldi_iterations"]
+        embedder.arnoldi_breakdown_ = state["arnoldi_breakdown"]
+        embedder.n_fit_examples_ = state["n_fit_examples"]
+        embedder._projection = None
+        return embedder

@@ -1,0 +1,149 @@
+"""The one training loop and the one prediction pass every experiment uses.
+
+Both take a :class:`harness.Task`, so they run on the same batches as
+InfluenceEmbedder. ``cached_training`` persists a trained state dict under the
+cache folder keyed by a configuration dict, and reuses it on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from harness.errors import InputError
+from harness.hessian import eval_mode, move_to
+from harness.io import atomic_torch_save
+from harness.task import ClassificationTask, Task
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`train_model`."""
+
+    epochs: int = field(default=5, metadata={"help": "Passes over the training loader."})
+    lr: float = field(default=1e-3, metadata={"help": "Learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (AdamW) or L2 (SGD)."})
+    optimizer: str = field(default="adamw", metadata={"help": "'adamw' or 'sgd' (momentum 0.9)."})
+    seed: int = field(default=0, metadata={"help": "Seeds torch before training (init of new layers, dropout)."})
+    device: str = field(default="cpu", metadata={"help": "Training device, e.g. 'cpu' or 'cuda'."})
+    trainable: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "Parameter-name prefixes to train; None trains every parameter."}
+    )
+
+
+def train_model(
+    model: nn.Module, loader: Iterable, config: TrainConfig, task: Task | None = None, progress: bool = True
+) -> nn.Module:
+    """Minimises the task's mean loss over ``loader`` for ``config.epochs`` epochs.
+
+    Returns the model in eval mode. Raises ``InputError`` if the loss becomes non-finite.
+    """
+    task = task or ClassificationTask()
+    if config.epochs < 1:
+        raise InputError(f"epochs must be >= 1; got {config.epochs}")
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    model.to(device)
+    params = [
+        p
+        for n, p in model.named_parameters()
+        if config.trainable is None or any(n.startswith(prefix) for prefix in config.trainable)
+    ]
+    if not params:
+        raise InputError(f"no parameter matches trainable={config.trainable}")
+    if config.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    elif config.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    else:
+        raise InputError(f"optimizer must be 'adamw' or 'sgd'; got {config.optimizer!r}")
+    model.train()
+    for epoch in range(config.epochs):
+        bar = tqdm(loader, desc=f"train epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        for batch in bar:
+            batch = move_to(task.model_batch(batch), device)
+            loss = task.loss(model, batch).mean()
+            if not torch.isfinite(loss):
+                raise InputError(f"training loss became non-finite in epoch {epoch + 1}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+@dataclass
+class Predictions:
+    """Output of :func:`predict`: logits (N, C), targets (N,), and derived views."""
+
+    logits: np.ndarray
+    targets: np.ndarray
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        z = self.logits - self.logits.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.predicted == self.targets
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean())
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: Iterable, task: Task | None = None, device: str | torch.device = "cpu", progress: bool = True
+) -> Predictions:
+    """One pass in eval mode: logits and targets of every example, in loader order."""
+    task = task or ClassificationTask()
+    device = torch.device(device)
+    logits, targets = [], []
+    with eval_mode(model):
+        for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
+            batch = move_to(task.model_batch(batch), device)
+            logits.append(task.logits(model, batch).float().cpu())
+            targets.append(task.targets(batch).cpu())
+    if not logits:
+        raise InputError("empty loader: nothing to predict")
+    return Predictions(torch.cat(logits).numpy(), torch.cat(targets).numpy())
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able configuration (cache keys)."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_training(
+    model: nn.Module,
+    train: Callable[[nn.Module], nn.Module],
+    cache_path: Path,
+    config: dict[str, Any] | TrainConfig,
+) -> tuple[nn.Module, bool]:
+    """Loads ``model``'s trained weights from ``cache_path/<hash of config>.pt`` or trains
+    it with ``train(model)`` and stores them. Returns (model, loaded_from_cache)."""
+    config_dict = asdict(config) if isinstance(config, TrainConfig) else config
+    path = Path(cache_path) / f"{config_key(config_dict)}.pt"
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        return model.eval(), True
+    model = train(model)
+    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    return model.eval(), False
