@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from harness import distributed
 from harness.errors import InputError
 from harness.hessian import (
     FunctionalLoss,
@@ -171,23 +172,33 @@ class InfluenceEmbedder:
         loader, then keeps the top-D eigenpairs (M, lambda) of the restricted Hessian.
         Sets ``eigenvalues_`` (D,), ``factors_`` M (|theta|, D), ``ritz_residuals_``,
         ``arnoldi_iterations_``, ``n_fit_examples_``.
+
+        Under torch.distributed each rank passes its own shard (see
+        :func:`harness.distributed.shard`); HVPs are summed over ranks, so every rank
+        ends with the same factors.
         """
         cfg = self.config
         self._loss = FunctionalLoss(self.model, self.task, self.selection, self.chunk_size)
         with eval_mode(self.model):
             params = {k: v.to(self.device) for k, v in self._loss.params().items()}
-            n_examples = 0
-            for _, batch in iterate_batches(loader, self.task, self._loss, self.device, validate=True, what="fit"):
-                n_examples += batch_length(batch)
+            sharded = distributed.is_distributed()
+            n_local = 0
+            for _, batch in iterate_batches(
+                loader, self.task, self._loss, self.device, validate=True, what="fit", allow_empty=sharded
+            ):
+                n_local += batch_length(batch)
+            n_examples = int(distributed.all_reduce_sum(torch.tensor([n_local], dtype=torch.int64, device=self.device)))
+            if n_examples == 0:
+                raise InputError("empty loader: the fit loaders of all ranks yielded no batch")
             scale = 1.0 / n_examples if cfg.hessian_reduction == "mean" else 1.0
 
             def hessian_vector_product(vector: torch.Tensor) -> torch.Tensor:
                 total = torch.zeros_like(vector)
                 for _, batch in iterate_batches(
-                    loader, self.task, self._loss, self.device, validate=False, what="fit"
+                    loader, self.task, self._loss, self.device, validate=False, what="fit", allow_empty=sharded
                 ):
                     total += self._loss.hvp(params, batch, vector)
-                return total * scale
+                return distributed.all_reduce_sum(total) * scale
 
             generator = torch.Generator().manual_seed(cfg.seed)
             dtype = next(iter(params.values())).dtype
@@ -231,11 +242,14 @@ class InfluenceEmbedder:
             self._projection = self.factors_ * inv_sqrt
         return self._projection
 
-    def gradients(self, loader: Iterable) -> Iterable[torch.Tensor]:
+    def gradients(self, loader: Iterable, allow_empty: bool = False) -> Iterable[torch.Tensor]:
         """Yields (B, |theta|) per-example gradient blocks, one per batch (for inspection/tests)."""
         with eval_mode(self.model):
             params = {k: v.to(self.device) for k, v in self._loss.params().items()}
-            for i, batch in iterate_batches(loader, self.task, self._loss, self.device, validate=True, what="input"):
+            batches = iterate_batches(
+                loader, self.task, self._loss, self.device, validate=True, what="input", allow_empty=allow_empty
+            )
+            for i, batch in batches:
                 grads = self._loss.per_example_grads(params, batch)
                 check_finite(grads, f"the per-example gradients of batch {i}")
                 yield grads
@@ -243,16 +257,20 @@ class InfluenceEmbedder:
     def transform(self, loader: Iterable) -> np.ndarray:
         """Influence embeddings, (N, n_components_) float32, in loader order.
 
-        Streams: only one batch of per-example gradients exists at a time.
+        Streams: only one batch of per-example gradients exists at a time. Under
+        torch.distributed each rank embeds its shard and every rank receives all
+        shards concatenated in rank order.
         """
         projection = self.projection_
-        blocks = []
+        sharded = distributed.is_distributed()
+        blocks = [torch.zeros(0, projection.shape[1])]
         total = len(loader) if hasattr(loader, "__len__") else None
-        bar = tqdm(self.gradients(loader), total=total, desc="influence embeddings", disable=not self.progress, leave=False)
+        grads_iter = self.gradients(loader, allow_empty=sharded)
+        bar = tqdm(grads_iter, total=total, desc="influence embeddings", disable=not self.progress, leave=False)
         for grads in bar:
-            blocks.append((grads @ projection).cpu())
-        out = torch.cat(blocks).numpy().astype(np.float32, copy=False)
-        return out
+            blocks.append((grads @ projection).float().cpu())
+        local = torch.cat(blocks).numpy()
+        return distributed.gather_rows(local)
 
     def fit_transform(self, loader: Iterable) -> np.ndarray:
         return self.fit(loader).transform(loader)

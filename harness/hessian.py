@@ -165,9 +165,15 @@ class FunctionalLoss:
 
 
 def iterate_batches(
-    loader: Iterable, task: Task, loss: FunctionalLoss, device: torch.device, validate: bool, what: str
+    loader: Iterable,
+    task: Task,
+    loss: FunctionalLoss,
+    device: torch.device,
+    validate: bool,
+    what: str,
+    allow_empty: bool = False,
 ) -> Iterator[tuple[int, Any]]:
-    """Yields (index, model batch on device); checks every batch, fully on the first."""
+    """Yields (index, model batch on device); validates every batch (``validate``) or the first."""
     n_batches = 0
     for i, raw in enumerate(loader):
         batch = move_to(task.model_batch(raw), device)
@@ -175,7 +181,7 @@ def iterate_batches(
             task.validate(loss._call(loss.params()), batch)
         n_batches += 1
         yield i, batch
-    if n_batches == 0:
+    if n_batches == 0 and not allow_empty:
         raise InputError(f"empty loader: the {what} loader yielded no batch")
 
 

@@ -46,7 +46,7 @@ class Problem:
     def __init__(self, model, train, test):
         self.model, self.train, self.test = model, train, test
 
-    def loader(self, split: str, batch_size: int = 64) -> DataLoader:
+    def loader(self, split: str, batch_size: int = 256) -> DataLoader:
         x, y = getattr(self, split)
         return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 

@@ -1,0 +1,215 @@
+"""InfluenceEmbedder's API: validation, persistence, modes, seeds, custom tasks, Captum agreement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from harness import ClassificationTask, InfluenceEmbedder, InputError, Task
+
+
+def _loader(x, y, batch_size=32):
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def test_same_seed_same_factors_and_different_seed_same_subspace(mlp64):
+    kwargs = dict(arnoldi_dim=40, embedding_dim=8, progress=False)
+    a = InfluenceEmbedder(mlp64.model, seed=1, **kwargs).fit(mlp64.loader("train"))
+    b = InfluenceEmbedder(mlp64.model, seed=1, **kwargs).fit(mlp64.loader("train"))
+    torch.testing.assert_close(a.factors_, b.factors_, rtol=0, atol=0)
+    c = InfluenceEmbedder(mlp64.model, seed=2, **kwargs).fit(mlp64.loader("train"))
+    # another start vector converges to the same top eigenpairs
+    np.testing.assert_allclose(a.eigenvalues_.numpy()[:4], c.eigenvalues_.numpy()[:4], rtol=1e-6)
+
+
+def test_save_load_roundtrip(tmp_path, mlp64):
+    embedder = InfluenceEmbedder(mlp64.model, layers=["2"], arnoldi_dim=20, embedding_dim=5, progress=False)
+    embedder.fit(mlp64.loader("train"))
+    path = embedder.save(tmp_path / "sub" / "factors.pt")
+    assert [p.name for p in path.parent.iterdir()] == ["factors.pt"]  # no temporary file left behind
+    loaded = InfluenceEmbedder.load(path, mlp64.model, progress=False)
+    assert loaded.layers == ["2"] and loaded.config == embedder.config
+    np.testing.assert_array_equal(loaded.transform(mlp64.loader("test")), embedder.transform(mlp64.loader("test")))
+
+
+def test_load_rejects_a_different_model(tmp_path, mlp64):
+    embedder = InfluenceEmbedder(mlp64.model, arnoldi_dim=10, embedding_dim=3, progress=False)
+    path = embedder.fit(mlp64.loader("train")).save(tmp_path / "f.pt")
+    other = nn.Sequential(nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+    with pytest.raises(InputError, match="do not match"):
+        InfluenceEmbedder.load(path, other)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a readable factors file"):
+        InfluenceEmbedder.load(tmp_path / "junk.pt", mlp64.model)
+    with pytest.raises(InputError, match="no factors file"):
+        InfluenceEmbedder.load(tmp_path / "missing.pt", mlp64.model)
+
+
+class _BatchNormDropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_batchnorm_and_dropout_run_in_eval_mode_and_mode_is_restored(mlp32):
+    torch.manual_seed(0)
+    model = _BatchNormDropoutNet()
+    model.train()
+    x, y = mlp32.train
+    with torch.no_grad():  # give BatchNorm non-trivial running statistics
+        for _ in range(5):
+            model.body(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    embedder = InfluenceEmbedder(model, layers=["body.0", "head"], arnoldi_dim=30, embedding_dim=6, progress=False)
+    embedder.fit(_loader(x, y))
+    first = embedder.transform(_loader(*mlp32.test, batch_size=7))
+    second = embedder.transform(_loader(*mlp32.test, batch_size=50))  # batch composition must not matter
+    np.testing.assert_allclose(first, second, rtol=1e-4, atol=1e-5)
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():  # running statistics untouched
+        torch.testing.assert_close(v, before[k])
+
+
+class _WeightedTask(Task):
+    """A user task on dict batches: per-example weighted cross-entropy."""
+
+    def model_batch(self, batch):
+        return {"x": batch[0], "y": batch[1], "w": torch.ones(len(batch[1]), dtype=batch[0].dtype)}
+
+    def logits(self, model, batch):
+        return model(batch["x"])
+
+    def targets(self, batch):
+        return batch["y"]
+
+    def loss(self, model, batch):
+        return batch["w"] * super().loss(model, batch)
+
+
+def test_custom_task_matches_default_task(mlp64):
+    kwargs = dict(arnoldi_dim=30, embedding_dim=6, progress=False)
+    default = InfluenceEmbedder(mlp64.model, **kwargs).fit(mlp64.loader("train"))
+    custom = InfluenceEmbedder(mlp64.model, task=_WeightedTask(), **kwargs).fit(mlp64.loader("train"))
+    np.testing.assert_allclose(default.transform(mlp64.loader("test")), custom.transform(mlp64.loader("test")), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ bad input
+def _net():
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def _data(n=20, nan=False, bad_target=False, mismatch=False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    if nan:
+        x[3, 1] = float("nan")
+    y = torch.randint(0, 3, (n,), generator=g)
+    if bad_target:
+        y[-1] = 7
+    if mismatch:
+        return [(x, y[:-2])]
+    return _loader(x, y, batch_size=8)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: InfluenceEmbedder(_net(), layers=["fc"]), "unknown layer name 'fc'"),
+        (lambda: InfluenceEmbedder(_net(), layers=["1"]), "no trainable parameter selected"),
+        (lambda: InfluenceEmbedder(_net(), layers=[]), "no trainable parameter selected"),
+        (lambda: InfluenceEmbedder(_net().requires_grad_(False)), "no trainable parameter selected"),
+        (lambda: InfluenceEmbedder(_net(), arnoldi_dim=10, embedding_dim=20), r"embedding_dim \(20\) > arnoldi_dim"),
+        (lambda: InfluenceEmbedder(_net(), arnoldi_dim=0), "arnoldi_dim must be a positive integer"),
+        (lambda: InfluenceEmbedder(_net(), hessian_reduction="max"), "hessian_reduction"),
+        (lambda: InfluenceEmbedder("not a model"), "torch.nn.Module"),
+    ],
+)
+def test_bad_construction(make, message):
+    with pytest.raises(InputError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    "loader, message",
+    [
+        ([], "empty loader"),
+        (_data(nan=True), "non-finite"),
+        (_data(bad_target=True), "targets out of range"),
+        (_data(mismatch=True), "mismatched lengths"),
+        ([(torch.randn(4, 4), torch.rand(4))], "integer class indices"),
+        ([{"x": torch.randn(4, 4)}], "expects batches"),
+    ],
+)
+def test_bad_fit_data(loader, message):
+    with pytest.raises(InputError, match=message):
+        InfluenceEmbedder(_net(), arnoldi_dim=5, embedding_dim=2, progress=False).fit(loader)
+
+
+def test_bad_transform_data_and_unfitted():
+    embedder = InfluenceEmbedder(_net(), arnoldi_dim=5, embedding_dim=2, progress=False)
+    with pytest.raises(InputError, match="not fitted"):
+        embedder.transform(_data())
+    embedder.fit(_data())
+    for loader, message in [([], "empty loader"), (_data(nan=True), "non-finite"), (_data(bad_target=True), "out of range")]:
+        with pytest.raises(InputError, match=message):
+            embedder.transform(loader)
+
+
+class _LinearLossTask(ClassificationTask):
+    """A loss linear in the parameters: its Hessian is exactly zero."""
+
+    def loss(self, model, batch):
+        return model(batch[0]).sum(dim=1)
+
+
+def test_hessian_without_positive_curvature_is_refused():
+    with pytest.raises(InputError, match="no positive curvature"):
+        InfluenceEmbedder(_net()[:1], arnoldi_dim=5, embedding_dim=2, task=_LinearLossTask(), progress=False).fit(
+            _data()
+        )
+
+
+# ------------------------------------------------------------------ Captum
+def test_agrees_with_captum_arnoldi(tmp_path, mlp32):
+    captum_arnoldi = pytest.importorskip("captum.influence._core.arnoldi_influence_function")
+    model = mlp32.model
+    train_x, train_y = mlp32.train
+    test_x, test_y = mlp32.test
+    n_params = sum(p.numel() for p in model.parameters())
+    checkpoint = tmp_path / "model.pt"
+    torch.save(model.state_dict(), checkpoint)
+
+    def load(net, path):
+        net.load_state_dict(torch.load(path, weights_only=True))
+        return 1.0
+
+    captum = captum_arnoldi.ArnoldiInfluenceFunction(
+        model,
+        TensorDataset(train_x, train_y),
+        str(checkpoint),
+        checkpoints_load_func=load,
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        batch_size=len(train_y),
+        projection_dim=20,
+        arnoldi_dim=n_params,
+        arnoldi_tol=1e-6,
+        hessian_reg=0.0,
+        hessian_inverse_tol=0.0,
+        seed=0,
+    )
+    theirs = captum.influence((test_x, test_y)).numpy()
+
+    embedder = InfluenceEmbedder(model, arnoldi_dim=n_params, embedding_dim=20, progress=False)
+    embedder.fit(_loader(train_x, train_y, 256))
+    ours = embedder.transform(_loader(test_x, test_y)) @ embedder.transform(_loader(train_x, train_y)).T
+    # Captum factors the Hessian of the summed loss, we of the mean: influences differ by N'.
+    ours_in_captum_units = ours / len(train_y)
+    assert np.corrcoef(ours_in_captum_units.ravel(), theirs.ravel())[0, 1] >= 0.999
+    np.testing.assert_allclose(ours_in_captum_units, theirs, rtol=0, atol=2e-2 * np.abs(theirs).max())
