@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test reproduce-table1 clean-cache
+.PHONY: install test reproduce-table1 report clean-cache
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,12 +16,16 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || echo "note: tests/test_report.py renders reports in headless Chromium and is skipped without it; Debian/Ubuntu: sudo apt-get install -y chromium"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 reproduce-table1: $(STAMP)
 	$(PY) -m experiments.demo
+
+report: $(STAMP)
+	$(PY) -m harness report results
 
 clean-cache:
 	rm -rf .cache

@@ -1,0 +1,1 @@
+"""Reports of discovered slices: figures and tables (``figures``), HTML pages (``html``)."""
