@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml Makefile
 	# pip < 24.1: the dcbench/meerkat-ml 0.2.5 stack has metadata newer pip rejects.
 	$(PY) -m pip install --quiet "pip<24.1"
 	$(PY) -m pip install --quiet -e ".[test,text]"
+	# The 2021 reference stack (Domino, dcbench) for the agreement tests and SOURCE=dcbench: their
+	# metadata pins long-gone releases, so --no-deps plus what they import; harness/compat.py patches them.
+	$(PY) -m pip install --quiet --no-deps domino==0.1.5 dcbench==0.0.4 meerkat-ml==0.2.5
+	$(PY) -m pip install --quiet dill==0.4.1 cytoolz==1.2.0 ujson==6.1.0 pyarrow==26.0.1 fvcore==0.1.5.post20221221 \
+		ipython==9.18.1 ipywidgets==8.1.9 seaborn==0.13.2 pytorch-lightning==2.6.6
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,213 @@
+"""Makes the 2021-22 reference stack import on today's libraries.
+
+``domino==0.1.5``, ``dcbench==0.0.4`` and ``meerkat-ml==0.2.5`` were written against
+numpy 1.x, pandas 1.x, scikit-learn 0.24, torchvision < 0.13 and Python <= 3.10. The
+harness never needs them: they serve only (a) the tests that compare our Domino and our
+metrics with the reference code and (b) the real-dcbench path, which loads problems
+through the ``dcbench`` package. Install them without their (stale) pins::
+
+    pip install "pip<24.1"   # newer pip rejects meerkat-ml 0.2.5's malformed metadata
+    pip install --no-deps domino==0.1.5 dcbench==0.0.4 meerkat-ml==0.2.5
+    pip install dill==0.4.1 cytoolz==1.2.0 ujson==6.1.0 pyarrow==26.0.1 fvcore==0.1.5.post20221221 \
+        ipython==9.18.1 ipywidgets==8.1.9 seaborn==0.13.2 pytorch-lightning==2.6.6
+
+(the last line: what the three import at module level, at the versions tested), then call
+:func:`import_domino` / :func:`import_dcbench` instead of ``import``. The patches:
+
+- numpy 2: ``np.infty``; pandas 2: ``pandas.core.strings.StringMethods``,
+  ``DataFrame.iteritems`` (aliases of today's names);
+- torchvision >= 0.13: ``resnet.model_urls`` / ``densenet.model_urls`` (from the Weights enums);
+- scikit-learn >= 1.0: ``sklearn.mixture._base._check_X``, and on domino's mixture class
+  only: ``_check_n_features``, ``_check_initial_parameters``, the one-argument
+  ``_print_verbose_msg_init_end``;
+- Python 3.11: dcbench's ``Table`` (a dataclass field default) made hashable by identity;
+- the dcbench 0.0.4 wheel lacks ``dcbench.tasks.budgetclean.cpclean``: stand-ins that raise.
+
+None changes what today's libraries do for other callers; the restored aliases simply
+exist afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+INSTALL_HINT = (
+    'pip install "pip<24.1" && pip install --no-deps domino==0.1.5 dcbench==0.0.4 meerkat-ml==0.2.5 '
+    "&& pip install dill==0.4.1 cytoolz==1.2.0 ujson==6.1.0 pyarrow==26.0.1 fvcore==0.1.5.post20221221 "
+    "ipython==9.18.1 ipywidgets==8.1.9 seaborn==0.13.2 pytorch-lightning==2.6.6 (see harness/compat.py)"
+)
+
+_CPCLEAN = "dcbench.tasks.budgetclean.cpclean"
+
+
+class LegacyStackUnavailable(ImportError):
+    """The reference packages (domino / dcbench / meerkat-ml) are not installed or do not import."""
+
+
+def _patch_numpy_pandas() -> None:
+    import numpy as np
+    import pandas as pd
+    import pandas.core.strings as pandas_strings
+    from pandas.core.strings.accessor import StringMethods
+
+    # numpy 2 removed the alias; meerkat and domino use it as -inf start values.
+    if not hasattr(np, "infty"):
+        np.infty = np.inf
+    # pandas 2 moved StringMethods into pandas.core.strings.accessor (meerkat imports the old path).
+    if not hasattr(pandas_strings, "StringMethods"):
+        pandas_strings.StringMethods = StringMethods
+    # pandas 2 removed DataFrame.iteritems (meerkat's DataPanel.from_pandas calls it).
+    if not hasattr(pd.DataFrame, "iteritems"):
+        pd.DataFrame.iteritems = pd.DataFrame.items
+
+
+def _patch_torchvision() -> None:
+    import torchvision.models as models
+    import torchvision.models.densenet as densenet
+    import torchvision.models.resnet as resnet
+
+    # torchvision 0.13 replaced the module-level ``model_urls`` dicts by Weights enums;
+    # dcbench.common.modeling imports them to build its pretrained backbones.
+    if not hasattr(resnet, "model_urls"):
+        resnet.model_urls = {
+            "resnet18": models.ResNet18_Weights.IMAGENET1K_V1.url,
+            "resnet50": models.ResNet50_Weights.IMAGENET1K_V1.url,
+        }
+    if not hasattr(densenet, "model_urls"):
+        densenet.model_urls = {"densenet121": models.DenseNet121_Weights.IMAGENET1K_V1.url}
+
+
+def _check_X(X, n_components=None, n_features=None, ensure_min_samples=1):  # noqa: N802, N803 - old sklearn name
+    """scikit-learn 0.24's ``sklearn.mixture._base._check_X`` (removed in 1.0), which domino imports."""
+    import numpy as np
+    from sklearn.utils import check_array
+
+    X = check_array(X, dtype=[np.float64, np.float32], ensure_min_samples=ensure_min_samples)
+    if n_components is not None and X.shape[0] < n_components:
+        raise ValueError(f"Expected n_samples >= n_components but got n_components = {n_components}, "
+                         f"n_samples = {X.shape[0]}")
+    if n_features is not None and X.shape[1] != n_features:
+        raise ValueError(f"Expected the input data X have {n_features} features, but got {X.shape[1]} features")
+    return X
+
+
+def _patch_sklearn() -> None:
+    import sklearn.mixture._base as mixture_base
+
+    if not hasattr(mixture_base, "_check_X"):
+        mixture_base._check_X = _check_X
+
+
+def _patch_domino_mixture(domino_module: types.ModuleType) -> None:
+    """Restores three BaseMixture methods of scikit-learn 0.24 on domino's mixture only."""
+    from sklearn.utils.validation import _check_n_features
+
+    mixture = domino_module._slice.domino.DominoMixture
+    if not hasattr(mixture, "_check_n_features"):
+        mixture._check_n_features = lambda self, X, reset: _check_n_features(self, X, reset=reset)
+    if not hasattr(mixture, "_check_initial_parameters"):
+        mixture._check_initial_parameters = lambda self, X: self._check_parameters(X)
+    base_end = mixture._print_verbose_msg_init_end
+    if base_end.__code__.co_argcount == 3:  # today's (self, lb, init_has_converged); domino passes lb only
+        mixture._print_verbose_msg_init_end = lambda self, lb, init_has_converged=None: base_end(
+            self, lb, bool(getattr(self, "converged_", False)) if init_has_converged is None else init_has_converged
+        )
+
+
+def _preload_dcbench_table() -> None:
+    """dcbench's ``Task`` dataclass has a ``Table`` instance as a field default. Python
+    3.11 rejects unhashable defaults (``Table`` is a Mapping, hence unhashable), so the
+    table module is loaded first and ``Table`` made hashable by identity, as every object
+    was for dataclasses before 3.11."""
+    name = "dcbench.common.table"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec("dcbench")
+    if spec is None or spec.origin is None:
+        raise LegacyStackUnavailable(f"dcbench is not installed: {INSTALL_HINT}")
+    table_spec = importlib.util.spec_from_file_location(name, Path(spec.origin).parent / "common" / "table.py")
+    module = importlib.util.module_from_spec(table_spec)
+    sys.modules[name] = module
+    try:
+        table_spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[name]
+        raise
+    module.Table.__hash__ = object.__hash__
+
+
+def _absent_cpclean(*args, **kwargs):
+    raise NotImplementedError(
+        "dcbench 0.0.4's wheel does not ship dcbench.tasks.budgetclean.cpclean; the budgetclean "
+        "task's cp_clean baseline is unavailable (slice discovery does not use it)"
+    )
+
+
+def _stub_cpclean() -> None:
+    """The dcbench 0.0.4 wheel lacks the ``cpclean`` subpackage that ``dcbench/__init__``
+    imports (through the budgetclean task). Its four names are registered as functions
+    that raise when called; slice discovery never calls them."""
+    names = {
+        _CPCLEAN: [],
+        f"{_CPCLEAN}.algorithm": [],
+        f"{_CPCLEAN}.algorithm.select": ["entropy_expected"],
+        f"{_CPCLEAN}.algorithm.sort_count": ["sort_count_after_clean_multi"],
+        f"{_CPCLEAN}.clean": ["CPClean", "Querier"],
+    }
+    if importlib.util.find_spec("dcbench") is None:
+        return
+    budgetclean = Path(importlib.util.find_spec("dcbench").origin).parent / "tasks" / "budgetclean"
+    if (budgetclean / "cpclean").is_dir():
+        return
+    for name, attributes in names.items():
+        if name in sys.modules:
+            continue
+        module = types.ModuleType(name, "stand-in: absent from the dcbench 0.0.4 wheel")
+        module.__path__ = []
+        for attribute in attributes:
+            setattr(module, attribute, _absent_cpclean)
+        sys.modules[name] = module
+
+
+def _import(name: str) -> types.ModuleType:
+    _patch_numpy_pandas()
+    _patch_torchvision()
+    _patch_sklearn()
+    if name == "dcbench":
+        _preload_dcbench_table()
+        _stub_cpclean()
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise LegacyStackUnavailable(f"{name} does not import ({exc}); install the reference stack: {INSTALL_HINT}") from exc
+
+
+def import_domino() -> types.ModuleType:
+    """The reference ``domino`` package (0.1.5), patched to run on today's libraries.
+
+    Raises :class:`LegacyStackUnavailable` (an ``ImportError``) when it is not installed.
+    """
+    domino = _import("domino")
+    _patch_domino_mixture(domino)
+    return domino
+
+
+def import_dcbench() -> types.ModuleType:
+    """The ``dcbench`` package (0.0.4) with meerkat-ml 0.2.5, patched to import on today's libraries.
+
+    Raises :class:`LegacyStackUnavailable` (an ``ImportError``) when it is not installed.
+    """
+    return _import("dcbench")
+
+
+def legacy_stack_available(name: str) -> bool:
+    """Whether :func:`import_domino` (``name="domino"``) or :func:`import_dcbench` (``"dcbench"``) works."""
+    try:
+        {"domino": import_domino, "dcbench": import_dcbench}[name]()
+    except LegacyStackUnavailable:
+        return False
+    return True

@@ -1,0 +1,116 @@
+"""Slice-discovery metrics: hand-checked values, and equality with dcbench 0.0.4's own evaluate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness.benchmark.metrics import pairwise_metrics, per_slice_metrics, precision_at_k, slice_metrics
+from harness.compat import legacy_stack_available
+from harness.errors import InputError
+
+needs_dcbench = pytest.mark.skipif(
+    not legacy_stack_available("dcbench"), reason="dcbench 0.0.4 not installed (see harness/compat.py)"
+)
+
+
+def test_precision_at_k_by_hand_with_ties_broken_by_order():
+    members = np.array([0, 1, 1, 0, 1, 0])
+    scores = np.array([0.9, 0.9, 0.5, 0.5, 0.5, 0.1])
+    # Top 2: examples 0 and 1 (tied at 0.9) -> 1 member of 2.
+    assert precision_at_k(members, scores, 2) == 0.5
+    # Top 3: ties at 0.5 are taken in example order -> example 2 (a member).
+    assert precision_at_k(members, scores, 3) == pytest.approx(2 / 3)
+    # k beyond N divides by N, as dcbench's precision of the top-k mask does.
+    assert precision_at_k(members, scores, 10) == 0.5
+
+
+def test_match_is_the_highest_auroc_slice_and_best_precision_may_differ():
+    n = 200
+    truth = np.zeros(n, dtype=int)
+    truth[:20] = 1
+    # Predicted slice 0: ten members on top (precision@10 = 1) but the other ten at the bottom (AUROC 0.5).
+    sharp_top = np.full(n, 0.5)
+    sharp_top[:10] = 1.0
+    sharp_top[10:20] = 0.0
+    # Predicted slice 1: one non-member on top, then all members (precision@10 = 0.9, AUROC = 179/180).
+    good_ranking = np.zeros(n)
+    good_ranking[:20] = 1.0
+    good_ranking[20] = 2.0
+    scores = np.stack([sharp_top, good_ranking], axis=1)
+    pairs = pairwise_metrics(truth, scores)
+    assert pairs["auroc"].tolist() == pytest.approx([0.5, 179 / 180])
+    assert pairs["precision_at_10"].tolist() == [1.0, 0.9]
+    row = per_slice_metrics(truth, scores).iloc[0]
+    assert row["pred_slice"] == 1 and row["precision_at_10"] == 0.9 and row["best_precision_at_10"] == 1.0
+    summary = slice_metrics(truth, scores)
+    assert summary["precision_at_10"] == 0.9 and summary["best_precision_at_10"] == 1.0
+    assert summary["auroc"] == pytest.approx(179 / 180)
+
+
+def test_undefined_slices_are_nan_and_skipped():
+    truth = np.zeros((30, 2), dtype=int)
+    truth[:5, 0] = 1  # slice 1 is empty: undefined
+    scores = np.linspace(1, 0, 30)[:, None]
+    out = slice_metrics(truth, scores)
+    assert out["precision_at_10"] == 0.5 and out["auroc"] == 1.0
+    assert np.isnan(per_slice_metrics(truth, scores).loc[1, "auroc"])
+
+
+@pytest.mark.parametrize(
+    "slices, scores, message",
+    [
+        (np.zeros((5, 1)), np.zeros((4, 1)), "mismatched lengths"),
+        (np.full((5, 1), 2), np.zeros((5, 1)), "0/1"),
+        (np.zeros((5, 1)), np.full((5, 1), np.inf), "infinite"),
+        (np.zeros((0, 1)), np.zeros((0, 1)), "shape"),
+    ],
+)
+def test_bad_inputs(slices, scores, message):
+    with pytest.raises(InputError, match=message):
+        slice_metrics(slices, scores)
+
+
+def _random_case(rng, n, n_truth, n_pred, discrete):
+    truth = np.zeros((n, n_truth), dtype=int)
+    for g in range(n_truth):
+        truth[rng.choice(n, size=int(rng.integers(5, n // 4)), replace=False), g] = 1
+    signal = truth @ rng.random((n_truth, n_pred))
+    scores = signal + rng.random((n, n_pred)) * rng.uniform(0.2, 3)
+    if discrete:  # many exact ties, as hard-assignment methods give
+        scores = np.round(scores * 3) / 3
+    return truth, scores
+
+
+@needs_dcbench
+def test_equals_dcbench_evaluate(tmp_path):
+    """Our numbers equal dcbench's SliceDiscoveryProblem.evaluate on the same predictions."""
+    import meerkat as mk
+
+    from harness.benchmark.dcbench import _dcbench_config
+    from harness.compat import import_dcbench
+
+    dcbench = import_dcbench()
+    from dcbench.tasks.slice_discovery.metrics import compute_metrics
+
+    rng = np.random.default_rng(0)
+    compared = 0
+    with _dcbench_config(tmp_path):
+        for case in range(6):
+            n = int(rng.integers(60, 400))
+            truth, scores = _random_case(rng, n, int(rng.integers(1, 4)), int(rng.integers(1, 6)), discrete=case % 2 == 1)
+            ids = np.array([f"x{i}" for i in range(n)])
+            order = rng.permutation(n)  # the solution lists examples in another order: evaluate merges on id
+            problem = dcbench.SliceDiscoveryProblem.from_artifacts(
+                artifacts={"test_slices": mk.DataPanel({"id": ids, "slices": truth})}, container_id=f"case{case}"
+            )
+            solution = problem.solve(mk.DataPanel({"id": ids[order], "pred_slices": scores[order]}))
+            theirs = problem.evaluate(solution)
+            ours = slice_metrics(truth, scores)
+            for key in ("precision_at_10", "precision_at_25", "auroc"):
+                assert ours[key] == pytest.approx(theirs[key], abs=1e-12), (case, key)
+            their_table = compute_metrics(truth, scores)
+            assert np.array_equal(per_slice_metrics(truth, scores)["pred_slice"].to_numpy(),
+                                  their_table["pred_slice_idx"].to_numpy())
+            compared += 1
+    assert compared == 6
