@@ -6,13 +6,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test reproduce-table1 report clean-cache
+.PHONY: install test reproduce-table1 report agnews imagenet boneage covid figures clean-cache
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# pip < 24.1: the dcbench/meerkat-ml 0.2.5 stack has metadata newer pip rejects.
 	$(PY) -m pip install --quiet "pip<24.1"
-	$(PY) -m pip install --quiet -e ".[test,text]"
+	$(PY) -m pip install --quiet -e ".[test,text,xray]"
 	# The 2021 reference stack (Domino, dcbench) for the agreement tests and SOURCE=dcbench: their
 	# metadata pins long-gone releases, so --no-deps plus what they import; harness/compat.py patches them.
 	$(PY) -m pip install --quiet --no-deps domino==0.1.5 dcbench==0.0.4 meerkat-ml==0.2.5
@@ -28,6 +28,22 @@ test: $(STAMP)
 
 reproduce-table1: $(STAMP)
 	$(PY) -m experiments.demo
+
+# The paper's case studies (offline defaults; ARGS="--device cuda" for the paper-scale configuration).
+agnews: $(STAMP)
+	$(PY) -m experiments.agnews_bert $(ARGS)
+
+imagenet: $(STAMP)
+	$(PY) -m experiments.imagenet_resnet18 $(ARGS)
+
+boneage: $(STAMP)
+	$(PY) -m experiments.boneage_spurious $(ARGS)
+
+covid: $(STAMP)
+	$(PY) -m experiments.covid_xray $(ARGS)
+
+# Every figure and table of the case studies (stages are cached: reruns take about a minute each).
+figures: agnews imagenet boneage covid
 
 report: $(STAMP)
 	$(PY) -m harness report results

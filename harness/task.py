@@ -103,7 +103,13 @@ class HuggingFaceClassificationTask(Task):
         return {k: v for k, v in batch.items() if torch.is_tensor(v)}
 
     def logits(self, model: ModelFn, batch: Any) -> torch.Tensor:
-        out = model(**{k: v for k, v in batch.items() if k != self.label_key})
+        inputs = {k: v for k, v in batch.items() if k != self.label_key}
+        mask = inputs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            # transformers inspects a 2-D padding mask with data-dependent branches (``mask.all()``) that
+            # torch.func.vmap cannot trace; the equivalent additive 4-D mask skips them.
+            inputs["attention_mask"] = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        out = model(**inputs)
         return out.logits if hasattr(out, "logits") else out
 
     def targets(self, batch: Any) -> torch.Tensor:
