@@ -5,8 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install test reproduce-table1 report agnews imagenet boneage covid figures clean-cache
+.PHONY: install test reproduce-table1 bench report agnews imagenet boneage covid figures clean-cache
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +29,12 @@ test: $(STAMP)
 
 reproduce-table1: $(STAMP)
 	$(PY) -m experiments.demo
+
+# Ours vs Captum (and kronfluence) on W1-W3; writes results/bench/*.json and README.md.
+# Paper scale on a GPU: make bench BENCH_ARGS="--device cuda"
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 # The paper's case studies (offline defaults; ARGS="--device cuda" for the paper-scale configuration).
 agnews: $(STAMP)

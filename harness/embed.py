@@ -148,7 +148,17 @@ class InfluenceEmbedder:
         self.basis_device = torch.device(basis_device) if basis_device is not None else self.device
         self.chunk_size = chunk_size
         self.progress = progress
-        self._loss = FunctionalLoss(model, self.task, self.selection, chunk_size)
+        self._loss = self._make_loss()
+
+    # ------------------------------------------------------------ hooks for fast paths
+    def _make_loss(self) -> FunctionalLoss:
+        """The differentiable loss fit and transform use; subclasses swap in fast paths
+        (see :mod:`harness.fastpaths`)."""
+        return FunctionalLoss(self.model, self.task, self.selection, self.chunk_size)
+
+    def _project_batch(self, params: dict[str, torch.Tensor], batch: Any, projection: torch.Tensor) -> torch.Tensor:
+        """Per-example gradients of one batch times ``projection``: (B, D)."""
+        return self._loss.per_example_grads(params, batch) @ projection
 
     # ------------------------------------------------------------ fitted state
     @property
@@ -178,7 +188,7 @@ class InfluenceEmbedder:
         ends with the same factors.
         """
         cfg = self.config
-        self._loss = FunctionalLoss(self.model, self.task, self.selection, self.chunk_size)
+        self._loss = self._make_loss()
         with eval_mode(self.model):
             params = {k: v.to(self.device) for k, v in self._loss.params().items()}
             sharded = distributed.is_distributed()
@@ -242,14 +252,11 @@ class InfluenceEmbedder:
             self._projection = self.factors_ * inv_sqrt
         return self._projection
 
-    def gradients(self, loader: Iterable, allow_empty: bool = False) -> Iterable[torch.Tensor]:
-        """Yields (B, |theta|) per-example gradient blocks, one per batch (for inspection/tests)."""
+    def gradients(self, loader: Iterable) -> Iterable[torch.Tensor]:
+        """Yields (B, |theta|) per-example gradient blocks, one per batch (for inspection)."""
         with eval_mode(self.model):
             params = {k: v.to(self.device) for k, v in self._loss.params().items()}
-            batches = iterate_batches(
-                loader, self.task, self._loss, self.device, validate=True, what="input", allow_empty=allow_empty
-            )
-            for i, batch in batches:
+            for i, batch in iterate_batches(loader, self.task, self._loss, self.device, validate=True, what="input"):
                 grads = self._loss.per_example_grads(params, batch)
                 check_finite(grads, f"the per-example gradients of batch {i}")
                 yield grads
@@ -265,10 +272,16 @@ class InfluenceEmbedder:
         sharded = distributed.is_distributed()
         blocks = [torch.zeros(0, projection.shape[1])]
         total = len(loader) if hasattr(loader, "__len__") else None
-        grads_iter = self.gradients(loader, allow_empty=sharded)
-        bar = tqdm(grads_iter, total=total, desc="influence embeddings", disable=not self.progress, leave=False)
-        for grads in bar:
-            blocks.append((grads @ projection).float().cpu())
+        with eval_mode(self.model):
+            params = {k: v.to(self.device) for k, v in self._loss.params().items()}
+            batches = iterate_batches(
+                loader, self.task, self._loss, self.device, validate=True, what="input", allow_empty=sharded
+            )
+            bar = tqdm(batches, total=total, desc="influence embeddings", disable=not self.progress, leave=False)
+            for i, batch in bar:
+                block = self._project_batch(params, batch, projection)
+                check_finite(block, f"the influence embeddings of batch {i}")
+                blocks.append(block.float().cpu())
         local = torch.cat(blocks).numpy()
         return distributed.gather_rows(local)
 

@@ -1,0 +1,1 @@
+"""`make bench`: InfluenceEmbedder against Captum and kronfluence (see benchmarks/run.py)."""

@@ -1,0 +1,305 @@
+"""Fast paths for InfluenceEmbedder, each exact (same factors and embeddings as the core
+up to round-off) and each checked against the core in tests/test_fastpaths.py.
+
+* :class:`LinearHeadEmbedder` / :class:`LinearHeadLoss`: theta = the last ``nn.Linear``
+  under cross-entropy, from cached activations (:func:`capture_inputs`), in closed form.
+  With the head's inputs ``a`` (B, H), softmax ``p`` (B, C) and one-hot targets ``y``:
+  per-example gradient ``g_i = p_i - y_i`` gives dL_i/dW = g_i a_i^T and dL_i/db = g_i;
+  HVP for V = (V_W, V_b): ``u_i = V_W a_i + V_b``, ``h_i = p_i * u_i - p_i (p_i . u_i)``,
+  H V = (sum_i h_i a_i^T, sum_i h_i); embedding column k = g_i^T P_k a_i (+ g_i . P_k^b),
+  without forming the (B, C*H) gradient block. No autograd graph at all.
+* :class:`FastInfluenceEmbedder`: any model. ``linearized_fit`` traces each fit batch's
+  primal pass once (:class:`LinearizedHessianLoss`), so the P Arnoldi passes run only
+  the tangent computation; ``projection="forward"`` embeds by forward-mode directional
+  derivatives (:func:`forward_mode_embeddings`), never materialising per-example gradients.
+* :func:`tensor_batches` / :func:`fixed_batches`: in-memory batches sliced whole,
+  instead of a DataLoader that collates example by example on every pass.
+
+The frozen-trunk split (run the unselected layers once, differentiate a head module on
+their outputs) composes with all of these; :func:`capture_inputs` caches the inputs of
+any submodule.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, jvp, linearize, vmap
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, TensorDataset
+from tqdm.auto import tqdm
+
+from harness.embed import InfluenceEmbedder
+from harness.errors import InputError
+from harness.hessian import FunctionalLoss, eval_mode, move_to, select_parameters
+from harness.task import ClassificationTask, Task
+
+
+class LinearHeadLoss:
+    """Closed-form drop-in for :class:`harness.hessian.FunctionalLoss` when the model is
+    one ``nn.Linear`` applied to cached activations and the loss is cross-entropy.
+
+    Same methods and flattening order (``weight`` row-major, then ``bias``) as the
+    autograd path, so the Arnoldi code and the projection are shared unchanged.
+    """
+
+    def __init__(self, head: nn.Module, task: Task):
+        if not isinstance(head, nn.Linear):
+            raise InputError(f"the linear-head fast path needs an nn.Linear model; got {type(head).__name__}")
+        if type(task) is not ClassificationTask:
+            raise InputError(
+                "the linear-head fast path computes cross-entropy in closed form and needs a "
+                f"ClassificationTask with (activations, targets) batches; got {type(task).__name__}"
+            )
+        self.model, self.task = head, task
+        self.selection = select_parameters(head, None)
+        if set(self.selection.names) - {"weight", "bias"} or "weight" not in self.selection.names:
+            raise InputError("the linear head's weight must be trainable (requires_grad=True)")
+        self.has_bias = "bias" in self.selection.names
+        self.frozen = {n: p.detach() for n, p in head.named_parameters() if n not in self.selection.names}
+
+    def params(self) -> dict[str, torch.Tensor]:
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach() for n in self.selection.names}
+
+    def _call(self, params: dict[str, torch.Tensor]):
+        weight = params["weight"]
+        bias = params.get("bias", self.frozen.get("bias"))
+        return lambda inputs: F.linear(inputs, weight, bias)
+
+    def _softmax_and_residual(self, params: dict[str, torch.Tensor], batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        activations, targets = batch
+        probs = torch.softmax(self._call(params)(activations), dim=-1)
+        residual = probs.clone()
+        residual[torch.arange(len(targets), device=residual.device), targets] -= 1
+        return probs, residual
+
+    def losses(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        return self.task.loss(self._call(params), batch)
+
+    def batch_loss(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        return self.losses(params, batch).sum()
+
+    def per_example_grads(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """(B, |theta|): rows vec(g_i a_i^T) followed by g_i (bias)."""
+        activations = batch[0]
+        _, residual = self._softmax_and_residual(params, batch)
+        weight_grads = (residual.unsqueeze(2) * activations.unsqueeze(1)).flatten(1)
+        return torch.cat([weight_grads, residual], dim=1) if self.has_bias else weight_grads
+
+    def hvp(self, params: dict[str, torch.Tensor], batch: Any, vector: torch.Tensor) -> torch.Tensor:
+        """(sum over the batch of per-example Hessians) @ vector, flattened."""
+        activations = batch[0]
+        tangent = self.selection.unflatten(vector)
+        probs, _ = self._softmax_and_residual(params, batch)
+        logit_tangent = activations @ tangent["weight"].T
+        if self.has_bias:
+            logit_tangent = logit_tangent + tangent["bias"]
+        curvature = probs * logit_tangent - probs * (probs * logit_tangent).sum(dim=1, keepdim=True)
+        parts = {"weight": curvature.T @ activations}
+        if self.has_bias:
+            parts["bias"] = curvature.sum(dim=0)
+        return self.selection.flatten(parts)
+
+    def project(self, params: dict[str, torch.Tensor], batch: Any, projection: torch.Tensor) -> torch.Tensor:
+        """per_example_grads(batch) @ projection, without forming the (B, C*H) block."""
+        activations = batch[0]
+        _, residual = self._softmax_and_residual(params, batch)
+        n_classes, width = params["weight"].shape
+        n_weight = n_classes * width
+        weight_part = projection[:n_weight].T.reshape(-1, width)  # (D*C, H)
+        projected = (activations @ weight_part.T).view(len(activations), -1, n_classes)  # (B, D, C)
+        out = torch.einsum("bdc,bc->bd", projected, residual)
+        if self.has_bias:
+            out = out + residual @ projection[n_weight:]
+        return out
+
+
+class LinearHeadEmbedder(InfluenceEmbedder):
+    """:class:`harness.InfluenceEmbedder` for a last ``nn.Linear`` on cached activations.
+
+    ``model`` is the head itself (e.g. ``resnet.fc``) and loaders yield
+    ``(activations, targets)``, the activations being the head's inputs (see
+    :func:`capture_inputs`). Fit and transform give the same factors and embeddings as
+    the autograd path on the full model with ``layers=<head>``, with closed-form
+    gradients and HVPs and no per-example gradient block in the transform.
+    """
+
+    def __init__(self, model: nn.Module, arnoldi_dim: int = 500, embedding_dim: int = 100, seed: int = 0, **kwargs: Any):
+        if kwargs.get("layers") is not None:
+            raise InputError("LinearHeadEmbedder differentiates the whole head; do not pass `layers`")
+        kwargs.pop("layers", None)
+        self._head_loss = LinearHeadLoss(model, kwargs.get("task") or ClassificationTask())
+        super().__init__(model, None, arnoldi_dim, embedding_dim, seed, **kwargs)
+
+    def _make_loss(self) -> LinearHeadLoss:
+        return self._head_loss
+
+    def _project_batch(self, params: dict[str, torch.Tensor], batch: Any, projection: torch.Tensor) -> torch.Tensor:
+        return self._loss.project(params, batch, projection)
+
+
+class LinearizedHessianLoss:
+    """:class:`harness.hessian.FunctionalLoss` whose HVPs reuse each batch's primal pass.
+
+    FactorHessian applies the same Hessian (same parameters, same batches) P times. The
+    forward-over-reverse HVP recomputes the primal forward and backward every time;
+    ``torch.func.linearize`` traces them once per batch and keeps only the tangent
+    computation, so later passes cost the tangent part alone. The trace costs a few
+    HVPs per batch and keeps the batch's intermediates in memory, so it pays when P is
+    large and the fit data is small enough to hold them (the usual InfEmbed setting).
+
+    Batches are recognised by identity: the loader must yield the *same* tensors on
+    every pass (:func:`fixed_batches`); a new tensor is traced anew.
+    """
+
+    def __init__(self, loss: FunctionalLoss):
+        self._inner = loss
+        self._traced: dict[tuple[int, ...], tuple[Any, Any]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def hvp(self, params: dict[str, torch.Tensor], batch: Any, vector: torch.Tensor) -> torch.Tensor:
+        leaves = _tensor_leaves((params, batch))
+        key = tuple(id(t) for t in leaves)
+        if key not in self._traced:
+            _, tangent_map = linearize(lambda p: grad(self._inner.batch_loss)(p, batch), params)
+            self._traced[key] = (leaves, tangent_map)  # holding the leaves keeps their ids unique
+        tangent_map = self._traced[key][1]
+        return self._inner.selection.flatten(tangent_map(self._inner.selection.unflatten(vector)))
+
+    def clear(self) -> None:
+        self._traced.clear()
+
+
+def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(tree):
+        return [tree]
+    if isinstance(tree, dict):
+        return [leaf for value in tree.values() for leaf in _tensor_leaves(value)]
+    if isinstance(tree, (tuple, list)):
+        return [leaf for value in tree for leaf in _tensor_leaves(value)]
+    return []
+
+
+def forward_mode_embeddings(
+    loss: FunctionalLoss, params: dict[str, torch.Tensor], batch: Any, projection: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """per-example gradients @ projection, (B, D), without any per-example gradient.
+
+    Column k is the directional derivative of every example's loss along projection
+    column k: one forward-mode pass (jvp) per column, vmapped over the D columns, so the
+    primal forward runs once and the tangents share its batched kernels. Costs ~D
+    tangent forwards instead of a per-example backward plus a (B, |theta|) block; it pays
+    when |theta| is large and D small (e.g. convolutional layers, whose per-example
+    weight gradients vmap cannot batch efficiently).
+    """
+
+    def directional(column: torch.Tensor) -> torch.Tensor:
+        _, derivative = jvp(lambda p: loss.losses(p, batch), (params,), (loss.selection.unflatten(column),))
+        return derivative
+
+    return vmap(directional, in_dims=1, out_dims=1, chunk_size=chunk_size)(projection)
+
+
+class FastInfluenceEmbedder(InfluenceEmbedder):
+    """:class:`harness.InfluenceEmbedder` with two optional fast paths; same arguments,
+    factors and embeddings (to round-off) as the core.
+
+    linearized_fit : bool
+        FactorHessian with :class:`LinearizedHessianLoss`. Give ``fit`` a loader that
+        yields the same tensors every pass (:func:`fixed_batches`); the traces are
+        dropped after fit.
+    projection : {"gradients", "forward"}
+        ``"gradients"``: the core's vmap per-example gradients times M lambda^-1/2;
+        ``"forward"``: :func:`forward_mode_embeddings` (no per-example gradient).
+    """
+
+    def __init__(self, *args: Any, linearized_fit: bool = True, projection: str = "gradients", **kwargs: Any):
+        if projection not in ("gradients", "forward"):
+            raise InputError(f"projection must be 'gradients' or 'forward'; got {projection!r}")
+        self.linearized_fit, self.projection_mode = bool(linearized_fit), projection
+        super().__init__(*args, **kwargs)
+
+    def _make_loss(self) -> Any:
+        loss = super()._make_loss()
+        return LinearizedHessianLoss(loss) if self.linearized_fit else loss
+
+    def fit(self, loader: Iterable) -> "FastInfluenceEmbedder":
+        try:
+            return super().fit(loader)
+        finally:
+            if self.linearized_fit:
+                self._loss.clear()
+
+    def _project_batch(self, params: dict[str, torch.Tensor], batch: Any, projection: torch.Tensor) -> torch.Tensor:
+        if self.projection_mode == "gradients":
+            return super()._project_batch(params, batch, projection)
+        return forward_mode_embeddings(self._loss, params, batch, projection, self.chunk_size)
+
+
+def fixed_batches(data: Dataset | tuple[torch.Tensor, ...], batch_size: int, device: str | torch.device = "cpu") -> list:
+    """The batches of in-memory tensors, sliced once and kept: every pass over the list
+    yields the same tensor objects (what :class:`LinearizedHessianLoss` needs)."""
+    return [tuple(t.to(device) for t in batch) for batch in tensor_batches(data, batch_size)]
+
+
+def tensor_batches(data: Dataset | tuple[torch.Tensor, ...], batch_size: int) -> DataLoader:
+    """A DataLoader over in-memory tensors that slices whole batches at once.
+
+    A plain ``DataLoader(TensorDataset(...))`` indexes and collates one example at a
+    time, which costs more than a closed-form HVP on a batch of cached activations;
+    every Arnoldi pass pays it again. Here each batch is one fancy-indexing call.
+    """
+    if not isinstance(data, Dataset):
+        data = TensorDataset(*data)
+    if not isinstance(data, TensorDataset):
+        raise InputError(f"tensor_batches needs a TensorDataset or a tuple of tensors; got {type(data).__name__}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer; got {batch_size!r}")
+    sampler = BatchSampler(SequentialSampler(data), batch_size=batch_size, drop_last=False)
+    return DataLoader(data, sampler=sampler, batch_size=None)
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module,
+    module_name: str,
+    loader: Iterable,
+    task: Task | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs ``model`` once over ``loader`` (eval mode) and returns the inputs of the named
+    submodule, (N, ...), and the targets, (N,), in loader order.
+
+    These cached activations feed :class:`LinearHeadEmbedder`, so the model's trunk is
+    evaluated once instead of once per Arnoldi pass.
+    """
+    task = task or ClassificationTask()
+    modules = dict(model.named_modules())
+    if module_name not in modules:
+        raise InputError(f"unknown module {module_name!r}; the model has {list(modules)[:8]}...")
+    captured: list[torch.Tensor] = []
+
+    def keep_input(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        captured.append(inputs[0].detach().cpu())
+
+    device = torch.device(device)
+    targets = []
+    handle = modules[module_name].register_forward_pre_hook(keep_input)
+    try:
+        with eval_mode(model):
+            for batch in tqdm(loader, desc=f"caching inputs of {module_name}", disable=not progress, leave=False):
+                batch = move_to(task.model_batch(batch), device)
+                task.logits(model, batch)
+                targets.append(task.targets(batch).cpu())
+    finally:
+        handle.remove()
+    if not captured:
+        raise InputError("empty loader: no activations captured")
+    return torch.cat(captured), torch.cat(targets)
