@@ -8,8 +8,9 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 # reproduce-table1: SOURCE=mini (offline mini-dcbench, default) or SOURCE=dcbench (the real benchmark)
 SOURCE ?= mini
+NPROC ?= 2
 
-.PHONY: install test reproduce-table1 ablations update-regression bench report agnews imagenet boneage covid figures clean-cache
+.PHONY: install test reproduce-table1 ablations update-regression bench embed-distributed report agnews imagenet boneage covid figures clean-cache
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +64,11 @@ covid: $(STAMP)
 
 # Every figure and table of the case studies (stages are cached: reruns take about a minute each).
 figures: agnews imagenet boneage covid
+
+# The CLI's embedding stage data-parallel over NPROC processes (gloo on CPU, NCCL on GPU), e.g.
+# make embed-distributed NPROC=2 ARGS="--model-module m.py:build --train train.pt --test test.pt --out emb.npz"
+embed-distributed: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m harness embed $(ARGS)
 
 report: $(STAMP)
 	$(PY) -m harness report results

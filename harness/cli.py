@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,7 +32,8 @@ from tqdm.auto import tqdm
 
 from harness.embed import InfluenceEmbedder
 from harness.errors import InputError
-from harness.io import atomic_write_text
+from harness import distributed
+from harness.io import atomic_savez, atomic_write_text
 from harness.report.html import (
     experiment_dirs,
     read_slice_table,
@@ -174,18 +174,6 @@ def load_embeddings(path: str | os.PathLike, need_train: bool = False) -> dict[s
     return data
 
 
-def _atomic_savez(path: Path, **arrays: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _class_names(value: str | None) -> list[str] | None:
     """A file with one name per line, or a comma-separated list."""
     if value is None:
@@ -202,13 +190,17 @@ def _class_names(value: str | None) -> list[str] | None:
 def cmd_embed(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1; got {args.batch_size}")
+    # Under torchrun each rank factors and embeds its own contiguous shard (see harness.distributed).
+    sharded = distributed.init_from_env()
     model = load_model(args.model_module, args.checkpoint).to(args.device)
     dtype = next(model.parameters()).dtype
-    splits = {}
+    splits, shards = {}, {}
     for split, path in (("train", args.train), ("test", args.test)):
         data = load_examples(path)
         inputs = data["inputs"].to(dtype) if data["inputs"].dtype.is_floating_point else data["inputs"]
-        splits[split] = DataLoader(TensorDataset(inputs, data["targets"]), batch_size=args.batch_size, shuffle=False)
+        dataset = TensorDataset(inputs, data["targets"])
+        splits[split] = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
+        shards[split] = DataLoader(distributed.shard(dataset), batch_size=args.batch_size) if sharded else splits[split]
     embedder = InfluenceEmbedder(
         model,
         layers=args.layers,
@@ -220,10 +212,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
     )
-    embedder.fit(splits["train"])
+    embedder.fit(shards["train"])
     arrays: dict[str, Any] = {"eigenvalues": embedder.eigenvalues_.numpy()}
     for split, loader in splits.items():
-        arrays[f"{split}_embeddings"] = embedder.transform(loader)
+        arrays[f"{split}_embeddings"] = embedder.transform(shards[split])
         predictions = predict(model, loader, device=args.device, progress=not args.quiet)
         arrays[f"{split}_labels"] = predictions.targets
         arrays[f"{split}_predictions"] = predictions.predicted
@@ -240,7 +232,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         "test_accuracy": float((arrays["test_labels"] == arrays["test_predictions"]).mean()),
     }
     out = Path(args.out)
-    _atomic_savez(out, meta=np.array(json.dumps(meta)), **arrays)
+    if distributed.rank() != 0:  # every rank holds the same result; one writes it
+        return 0
+    meta["world_size"] = distributed.world_size()
+    atomic_savez(out, meta=np.array(json.dumps(meta)), **arrays)
     if args.factors:
         embedder.save(args.factors)
     print(
@@ -417,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
         "embed",
         help="influence embeddings of a train and a test split for your model",
         description="Fits the Hessian factors (FactorHessian: Arnoldi on the training loss) and writes the "
-        "influence embeddings and predictions of both splits to an .npz file.",
+        "influence embeddings and predictions of both splits to an .npz file. Under torchrun "
+        "(`torchrun --standalone --nproc-per-node N -m harness embed ...`, or `make embed-distributed NPROC=N`) "
+        "every rank factors and embeds its shard, HVPs are summed with all_reduce, and rank 0 writes the file.",
         epilog=DATA_HELP + "\n\n" + EMBEDDINGS_HELP,
         formatter_class=_Formatter,
     )

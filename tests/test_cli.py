@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -231,3 +233,26 @@ def test_python_dash_m_harness_runs_the_cli(monkeypatch, capsys):
         runpy.run_module("harness", run_name="__main__")
     assert exit_info.value.code == 0
     assert "embed" in capsys.readouterr().out
+
+
+def test_embed_under_torchrun_matches_one_process(user_files, embeddings, tmp_path):
+    """`torchrun --nproc-per-node 2 -m harness embed` (gloo on loopback) writes what one process writes."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    out = tmp_path / "emb2.npz"
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "harness", "embed",
+         "--model-module", f"{user_files['model']}:build", "--checkpoint", str(user_files["checkpoint"]),
+         "--train", str(user_files["train"]), "--test", str(user_files["test"]), *EMBED_OPTIONS,
+         "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(out) as two, np.load(embeddings) as one:
+        assert json.loads(str(two["meta"]))["world_size"] == 2
+        np.testing.assert_allclose(two["eigenvalues"], one["eigenvalues"], rtol=1e-5)
+        for split in ("train", "test"):
+            a, b = two[f"{split}_embeddings"], one[f"{split}_embeddings"]
+            np.testing.assert_allclose(a @ a[:50].T, b @ b[:50].T, rtol=1e-3, atol=1e-4 * np.abs(b @ b[:50].T).max())
+            np.testing.assert_array_equal(two[f"{split}_predictions"], one[f"{split}_predictions"])
