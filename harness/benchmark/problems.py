@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from harness.errors import InputError
+from harness.io import atomic_savez
 from harness.paths import cache_dir
 from harness.train import Predictions, TrainConfig, cached_training, train_model
 
@@ -504,13 +505,13 @@ def covid_xrays(size: int) -> dict[str, np.ndarray]:
     import pandas as pd
     from PIL import Image
 
-    from harness.paths import dataset_dir
+    from harness.data.covid import covid_root
 
     cache = cache_dir("covid") / f"xrays{size}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
             return {k: stored[k] for k in stored.files}
-    folder = dataset_dir("covid-chestxray")
+    folder = covid_root()
     meta = pd.read_csv(folder / "metadata.csv")
     meta = meta[meta["view"].isin(["PA", "AP", "AP Supine"]) & meta["sex"].isin(["M", "F"])]
     meta = meta[[(folder / "images" / f).is_file() for f in meta["filename"]]].reset_index(drop=True)
@@ -525,6 +526,5 @@ def covid_xrays(size: int) -> dict[str, np.ndarray]:
         "female": (meta["sex"] == "F").to_numpy(),
         "view": meta["view"].to_numpy().astype(str),
     }
-    np.savez(cache.with_suffix(".tmp.npz"), **out)
-    cache.with_suffix(".tmp.npz").replace(cache)
+    atomic_savez(cache, **out)
     return out

@@ -18,7 +18,6 @@ backend) and written atomically.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,7 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness.errors import InputError
-from harness.io import atomic_write_text
+from harness.io import atomic_path, atomic_write_text
 
 LABEL_COLOUR = "tab:red"
 PREDICTION_COLOUR = "tab:blue"
@@ -46,15 +45,8 @@ def _check_frame(frame: pd.DataFrame) -> None:
 
 def _save(figure: Figure, path: str | os.PathLike, dpi: int) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=path.suffix) as tmp:
         figure.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
