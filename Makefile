@@ -41,7 +41,7 @@ ablations: $(STAMP)
 
 # The CI regression baselines (results/regression/) change only through this explicit target.
 update-regression: $(STAMP)
-	$(PY) -m experiments.table1 --update-regression
+	$(PY) -m experiments.regression --update
 
 # Ours vs Captum (and kronfluence) on W1-W3; writes results/bench/*.json and README.md.
 # Paper scale on a GPU: make bench BENCH_ARGS="--device cuda"

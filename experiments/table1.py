@@ -12,18 +12,17 @@ fitted and evaluated on the same test set (dcbench fits them on a validation spl
 
 Writes ``results/table1.md``, ``results/table1.csv`` (summary, the paper's layout) and
 ``results/table1_problems.csv`` (every problem: slice statistics and every method's metrics).
-``--update-regression`` instead rewrites the CI baselines in ``results/regression/``.
+The CI regression of these numbers lives in :mod:`experiments.regression`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -53,18 +52,11 @@ from harness.slicing import rule_slices
 from harness.train import predict
 
 RESULTS = REPO_ROOT / "results"
-REGRESSION_DIR = RESULTS / "regression"
 N_SLICES = 5  # slices every method returns (Domino's dcbench default)
 # Reported problems use seeds from 0, development problems (ablations.py) from 1000,
 # on different coarse tasks / sub-groups / attributes (problems.mini_dcbench_suite).
 REPORT_FIRST_SEED = 0
 DEV_FIRST_SEED = 1000
-REGRESSION_PROBLEMS_PER_CELL = 2
-# A per-cell mean precision@10 that drops by more than this below its committed baseline
-# fails the regression test; 2 problems per cell make one problem's slice worth up to 0.5,
-# so the tolerance only forgives small numerical drift (thread counts, BLAS) that moves a
-# few ranks, not a method that stops finding a slice.
-REGRESSION_TOLERANCE = 0.1
 
 PAPER_TABLE1 = {  # Table 1 of the paper: precision@10 on the real dcbench
     ("natural_images", "Domino"): (0.40, 0.45, 0.60),
@@ -138,10 +130,13 @@ def task_agnostic_embedding(suite: Suite, problem: SliceProblem) -> np.ndarray:
     return pca.transform(raw[problem.test_index])
 
 
-def run_problem(suite: Suite, spec: ProblemSpec) -> ProblemRun:
+def run_problem(suite: Suite, spec: ProblemSpec, model: torch.nn.Module | None = None) -> ProblemRun:
+    """Builds the problem and trains its model (cached), or uses the given trained ``model``
+    (the CI regression's frozen weights)."""
     problem = make_problem(suite.data, spec)
-    model = train_problem_model(problem, suite.data, suite.make_model, suite.train_config, suite.model_name,
-                                batch_size=suite.batch_size)
+    if model is None:
+        model = train_problem_model(problem, suite.data, suite.make_model, suite.train_config, suite.model_name,
+                                    batch_size=suite.batch_size)
     loader = problem_loader(suite.data, problem.test_index, problem.test_labels)
     predictions = predict(model, loader, progress=False)
     with torch.no_grad():
@@ -342,33 +337,6 @@ def write_results(results: pd.DataFrame, sources: dict[str, str], elapsed: float
     atomic_write_text("\n".join(text), RESULTS / "table1.md")
 
 
-# ---------------------------------------------------------------- CI regression
-def regression_results(progress: bool = False) -> pd.DataFrame:
-    """The fixed-seed subset the CI regression test runs: 2 problems per cell."""
-    return run_mini_dcbench(available_input_types(), REGRESSION_PROBLEMS_PER_CELL, progress=progress)
-
-
-def regression_means(results: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """{input_type: {"method | kind": mean precision@10}}."""
-    out: dict[str, dict[str, float]] = {}
-    for (input_type, method, kind), group in results.groupby(["input_type", "method", "kind"]):
-        out.setdefault(input_type, {})[f"{method} | {kind}"] = round(float(group["precision_at_10"].mean()), 4)
-    return out
-
-
-def regression_baseline_path(input_type: str):
-    return REGRESSION_DIR / f"{input_type}.json"
-
-
-def update_regression() -> None:
-    means = regression_means(regression_results(progress=True))
-    for input_type, values in means.items():
-        payload = {"metric": "precision_at_10", "problems_per_cell": REGRESSION_PROBLEMS_PER_CELL,
-                   "tolerance": REGRESSION_TOLERANCE, "infembed": asdict(TABLE1_INFEMBED), "means": values}
-        atomic_write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", regression_baseline_path(input_type))
-        print(f"wrote {regression_baseline_path(input_type)}")
-
-
 # ---------------------------------------------------------------- entry point
 DCBENCH_METHODS = {"infembed": "InfEmbed", "domino_clip": "Domino (CLIP)", "domino_activations": "Domino (activations)",
                    "confusion": "Confusion matrix", "kmeans_activations": "K-Means (activations)"}
@@ -413,17 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default=os.environ.get("SOURCE") or "mini", choices=("mini", "dcbench"),
                         help="mini (offline mini-dcbench, default) or dcbench (real dcbench; env SOURCE)")
     parser.add_argument("--dcbench-problems", nargs="*", default=[], help="dcbench problem ids (SOURCE=dcbench)")
-    parser.add_argument("--update-regression", action="store_true",
-                        help="rewrite the CI regression baselines in results/regression/ and exit")
     args = parser.parse_args(argv)
     if args.problems < 2:
         parser.error(f"--problems must be >= 2 for a confidence interval; got {args.problems}")
     # Measured on the shared 2-core machine: one thread trains these small models several
     # times faster than two competing threads.
     torch.set_num_threads(1)
-    if args.update_regression:
-        update_regression()
-        return 0
     start = time.time()
     if args.source == "dcbench":
         from harness.benchmark.dcbench import DcbenchUnavailable
