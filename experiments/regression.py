@@ -61,10 +61,14 @@ NEEDED_DATA = {"natural_images": "mnist", "medical_images": "covid-chestxray", "
 # the spread between kernel sets is far smaller (kernel_spread.json); one problem losing its slice
 # moves a 4-problem mean by up to 0.25, which this catches.
 TOLERANCE = 0.05
-# Fresh training: accuracy and slice statistics may differ from the frozen model's by this much
-# (3x the largest spread measured between kernel sets, kernel_spread.json).
+# Fresh training: a statistic may differ from the frozen model's by max(floor, flips / n), n the
+# examples it is computed over, so small X-ray test sets (about 230 images, slices of 11) may flip
+# a few predictions. Measured between kernel sets (kernel_spread.json): at most 5 test and 2 slice
+# predictions flipped, 0.07 of the share of errors.
 STATISTICS_BAND = {"accuracy": 0.03, "accuracy_in_slice": 0.15, "accuracy_outside_slice": 0.03,
                    "slice_share_of_errors": 0.15}
+BAND_FLIPS = {"accuracy": ("n_test", 8), "accuracy_in_slice": ("n_slice", 4),
+              "accuracy_outside_slice": ("n_outside", 8), "slice_share_of_errors": ("n_errors", 8)}
 
 
 @contextlib.contextmanager
@@ -169,8 +173,20 @@ def load_baseline(input_type: str) -> dict:
 
 
 def statistics_of(runs: list[ProblemRun]) -> dict[str, dict[str, float]]:
-    return {fixture_path(run.suite.input_type, run.spec).stem: {k: round(run.statistics[k], 4) for k in STATISTICS_BAND}
-            for run in runs}
+    """Per problem: the banded statistics and the example counts their bands are scaled by."""
+    out = {}
+    for run in runs:
+        stats = run.statistics
+        counts = {"n_test": stats["n_test"], "n_slice": stats["n_slice"],
+                  "n_outside": stats["n_test"] - stats["n_slice"], "n_errors": int((~run.correct).sum())}
+        out[fixture_path(run.suite.input_type, run.spec).stem] = {
+            **{k: round(stats[k], 4) for k in STATISTICS_BAND}, **counts}
+    return out
+
+
+def band(statistic: str, frozen: dict[str, float]) -> float:
+    count, flips = BAND_FLIPS[statistic]
+    return max(STATISTICS_BAND[statistic], flips / max(frozen[count], 1))
 
 
 def fresh_runs(input_type: str, progress: bool = False) -> list[ProblemRun]:
@@ -185,12 +201,13 @@ def fresh_statistics(input_type: str, progress: bool = False) -> dict[str, dict[
 
 
 def statistics_outside_band(baseline: dict[str, dict[str, float]], now: dict[str, dict[str, float]]) -> dict:
-    """{problem: {statistic: (frozen, fresh)}} for every statistic outside ``STATISTICS_BAND``."""
+    """{problem: {statistic: (frozen, fresh)}} for every statistic outside its band."""
     if set(now) != set(baseline):
         raise InputError(f"problems changed: {sorted(set(now) ^ set(baseline))}; run `make update-regression`")
     out = {}
     for problem, values in baseline.items():
-        bad = {k: (v, now[problem][k]) for k, v in values.items() if abs(now[problem][k] - v) > STATISTICS_BAND[k]}
+        bad = {k: (values[k], now[problem][k]) for k in STATISTICS_BAND
+               if abs(now[problem][k] - values[k]) > band(k, values)}
         if bad:
             out[problem] = bad
     return out
@@ -244,7 +261,7 @@ def kernel_spread(measurements: list[dict]) -> dict:
         frozen = spread([m["frozen_means"][input_type] for m in measurements])
         fresh = spread([m["fresh_means"][input_type] for m in measurements])
         problems = measurements[0]["fresh_statistics"][input_type]
-        statistics = {stat: max(spread([m["fresh_statistics"][input_type][p] for m in measurements])[stat]
+        statistics = {stat: max(spread([{stat: m["fresh_statistics"][input_type][p][stat]} for m in measurements])[stat]
                                 for p in problems) for stat in STATISTICS_BAND}
         out["input_types"][input_type] = {
             "frozen_cell_means_max_spread": max(frozen.values()), "fresh_cell_means_max_spread": max(fresh.values()),
