@@ -24,6 +24,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -48,7 +49,7 @@ from harness.benchmark.problems import (
 )
 from harness.errors import InputError
 from harness.io import atomic_write_text
-from harness.paths import REPO_ROOT, has_dataset
+from harness.paths import REPO_ROOT, data_dir, has_dataset
 from harness.slicing import rule_slices
 from harness.train import predict
 
@@ -242,10 +243,21 @@ def problem_specs(input_types, n_per_cell: int, first_seed: int, split: str) -> 
     return out
 
 
+# The data-folder dataset each input type needs; None: runs on PyPI-shipped data without it
+# (natural images fall back from MNIST to scikit-learn's digits).
+INPUT_TYPE_DATA = {"natural_images": None, "medical_images": "covid-chestxray", "medical_time_series": "timeseries"}
+
+
 def available_input_types() -> list[str]:
-    """Input types whose shared data is present; natural images always (PyPI digits fallback)."""
-    needs = {"natural_images": None, "medical_images": "covid-chestxray", "medical_time_series": "timeseries"}
-    return [t for t in INPUT_TYPES if needs[t] is None or has_dataset(needs[t])]
+    """Input types whose data is present; natural images always (PyPI digits fallback)."""
+    return [t for t in INPUT_TYPES if t not in unavailable_input_types()]
+
+
+def unavailable_input_types() -> dict[str, str]:
+    """Input types that cannot run here -> why, and how to get their data."""
+    return {t: f"no {name!r} folder in the data folder {data_dir()}; no PyPI package ships it "
+               f"(`make data` or `python -m harness.data.download {name}` fetches it)"
+            for t, name in INPUT_TYPE_DATA.items() if name is not None and not has_dataset(name)}
 
 
 def run_mini_dcbench(input_types, n_per_cell: int, first_seed: int = REPORT_FIRST_SEED, split: str = "report",
@@ -309,11 +321,13 @@ def problem_table(results: pd.DataFrame) -> str:
 
 
 def write_results(results: pd.DataFrame, sources: dict[str, str], elapsed: float, n_per_cell: int,
-                  title: str = "the offline mini-dcbench") -> None:
+                  title: str = "the offline mini-dcbench", out=RESULTS, skipped: dict[str, str] | None = None) -> None:
+    """Writes table1.md / .csv / _problems.csv to ``out``; ``skipped``: input types not run -> why
+    (their cells are listed as not run, and the table is labelled a fallback run)."""
     summary = summarize(results)
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(summary.to_csv(index=False, float_format="%.4f"), RESULTS / "table1.csv")
-    atomic_write_text(results.to_csv(index=False, float_format="%.4f"), RESULTS / "table1_problems.csv")
+    skipped = skipped or {}
+    atomic_write_text(summary.to_csv(index=False, float_format="%.4f"), out / "table1.csv")
+    atomic_write_text(results.to_csv(index=False, float_format="%.4f"), out / "table1_problems.csv")
     other = {m: summarize(results, m) for m in ("best_precision_at_10", "precision_at_25", "auroc")}
     text = [
         f"# Table 1 on {title}",
@@ -325,6 +339,12 @@ def write_results(results: pd.DataFrame, sources: dict[str, str], elapsed: float
         "",
         "Data: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in sources.items()) + ".",
         "",
+    ]
+    if skipped:
+        text += ["## Cells not run", ""] + [
+            f"- {t.replace('_', ' ')} ({', '.join(k.replace('_', ' ') for k in KINDS)}): {why}"
+            for t, why in skipped.items()] + [""]
+    text += [
         f"InfEmbed: {TABLE1_INFEMBED} — chosen on development problems (other seeds, coarse tasks, sub-groups and "
         "attributes; results/ablations_grid.md, results/ablations.md), never on these.",
         "",
@@ -339,7 +359,7 @@ def write_results(results: pd.DataFrame, sources: dict[str, str], elapsed: float
         text += ["", "## Problems (means per cell)", "", "```", stats_by_cell.round(3).to_string(), "```",
                  "", "## Every problem", "", problem_table(results)]
     text.append("")
-    atomic_write_text("\n".join(text), RESULTS / "table1.md")
+    atomic_write_text("\n".join(text), out / "table1.md")
 
 
 # ---------------------------------------------------------------- CI regression
@@ -413,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default=os.environ.get("SOURCE") or "mini", choices=("mini", "dcbench"),
                         help="mini (offline mini-dcbench, default) or dcbench (real dcbench; env SOURCE)")
     parser.add_argument("--dcbench-problems", nargs="*", default=[], help="dcbench problem ids (SOURCE=dcbench)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the table1.* files (default {RESULTS})")
     parser.add_argument("--update-regression", action="store_true",
                         help="rewrite the CI regression baselines in results/regression/ and exit")
     args = parser.parse_args(argv)
@@ -425,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         update_regression()
         return 0
     start = time.time()
+    skipped: dict[str, str] = {}
+    title = "the offline mini-dcbench"
     if args.source == "dcbench":
         from harness.benchmark.dcbench import DcbenchUnavailable
 
@@ -435,18 +458,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         sources = {"dcbench": f"{results['seed'].nunique()} problems of the real dcbench"}
     else:
-        input_types = available_input_types()
-        missing = [t for t in INPUT_TYPES if t not in input_types]
-        if missing:
-            print(f"shared data absent: skipping {missing}", file=sys.stderr)
+        skipped = unavailable_input_types()
+        for input_type, why in skipped.items():
+            print(f"not run: {input_type.replace('_', ' ')}: {why}", file=sys.stderr)
+        input_types = [t for t in INPUT_TYPES if t not in skipped]
         sources = {t: mini_dcbench_suite(t).source for t in input_types}
         if "natural_images" in sources and "fallback" in sources["natural_images"]:
             print(f"natural images: {sources['natural_images']}", file=sys.stderr)
+        if skipped or "fallback" in sources.get("natural_images", ""):
+            title += " — FALLBACK run without the data folder (PyPI-shipped data only; not the reported Table 1)"
         results = run_mini_dcbench(input_types, args.problems)
+    args.out.mkdir(parents=True, exist_ok=True)
     write_results(results, sources, time.time() - start, args.problems,
-                  "the real dcbench" if args.source == "dcbench" else "the offline mini-dcbench")
+                  "the real dcbench" if args.source == "dcbench" else title, out=args.out, skipped=skipped)
     print(markdown_table(summarize(results)))
-    print(f"wrote {RESULTS / 'table1.md'}, table1.csv, table1_problems.csv in {(time.time() - start) / 60:.1f} min")
+    print(f"wrote {args.out / 'table1.md'}, table1.csv, table1_problems.csv in {(time.time() - start) / 60:.1f} min")
     return 0
 
 
