@@ -49,7 +49,7 @@ from harness.benchmark.problems import (
 )
 from harness.errors import InputError
 from harness.io import atomic_write_text
-from harness.paths import REPO_ROOT, data_dir, has_dataset
+from harness.paths import REPO_ROOT, data_dir, dataset_available
 from harness.slicing import rule_slices
 from harness.train import predict
 
@@ -254,10 +254,11 @@ def available_input_types() -> list[str]:
 
 
 def unavailable_input_types() -> dict[str, str]:
-    """Input types that cannot run here -> why, and how to get their data."""
+    """Input types that cannot run here -> why, and how to get their data (with
+    ``INFEMBED_DOWNLOAD=1`` their data is downloaded instead)."""
     return {t: f"no {name!r} folder in the data folder {data_dir()}; no PyPI package ships it "
                f"(`make data` or `python -m harness.data.download {name}` fetches it)"
-            for t, name in INPUT_TYPE_DATA.items() if name is not None and not has_dataset(name)}
+            for t, name in INPUT_TYPE_DATA.items() if name is not None and not dataset_available(name)}
 
 
 def run_mini_dcbench(input_types, n_per_cell: int, first_seed: int = REPORT_FIRST_SEED, split: str = "report",

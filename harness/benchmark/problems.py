@@ -405,9 +405,9 @@ class Suite:
 
 def _mnist_suite(split: str) -> Suite:
     from harness.data.mnist import load_mnist, load_sklearn_digits, stroke_attributes
-    from harness.paths import has_dataset
+    from harness.paths import dataset_available
 
-    have_mnist = has_dataset("mnist")
+    have_mnist = dataset_available("mnist")
     images = load_mnist() if have_mnist else load_sklearn_digits()
     attributes = stroke_attributes(images.images)
     fine = images.labels
