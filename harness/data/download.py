@@ -67,8 +67,8 @@ class RemoteFile:
 class DatasetSource:
     """A dataset folder of the data folder and how to fetch it.
 
-    prepare : (source, downloads folder, staging folder) -> None; lays the verified downloads
-        out in the staging folder. reference : relative path -> md5 of a file, or of a folder's
+    prepare : (source, downloads folder, staging folder, progress) -> None; lays the verified
+        downloads out in the staging folder. reference : relative path -> md5 of a file, or of a folder's
         md5 listing (:func:`folder_digest`), that the assembled folder should match.
     """
 
@@ -77,7 +77,7 @@ class DatasetSource:
     terms: str
     size: str
     files: tuple[RemoteFile, ...]
-    prepare: Callable[["DatasetSource", Path, Path], None]
+    prepare: Callable[["DatasetSource", Path, Path, bool], None]
     reference: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -186,7 +186,7 @@ def read_manifest(name: str) -> list[list[str]]:
 
 
 # ---------------------------------------------------------------- preparing dataset folders
-def move_verbatim(source: DatasetSource, downloads: Path, staging: Path) -> None:
+def move_verbatim(source: DatasetSource, downloads: Path, staging: Path, progress: bool = False) -> None:
     """The downloads are the dataset's files, unchanged."""
     for remote in source.files:
         target = staging / remote.path
@@ -220,8 +220,8 @@ def downscale_xray(raw: Path, out: Path, shorter_side: int = 256) -> None:
             converted.save(out, "PNG", optimize=True)
 
 
-def covid_downscaled(source: DatasetSource, downloads: Path, staging: Path) -> None:
-    for remote in tqdm(source.files, desc=f"{source.name}: downscaling", unit="file", leave=False):
+def covid_downscaled(source: DatasetSource, downloads: Path, staging: Path, progress: bool = True) -> None:
+    for remote in tqdm(source.files, desc=f"{source.name}: downscaling", unit="file", leave=False, disable=not progress):
         target = staging / remote.path
         target.parent.mkdir(parents=True, exist_ok=True)
         if remote.path.startswith("images/"):
@@ -230,7 +230,7 @@ def covid_downscaled(source: DatasetSource, downloads: Path, staging: Path) -> N
             os.replace(downloads / remote.path, target)
 
 
-def tiny_imagenet_subset(source: DatasetSource, downloads: Path, staging: Path) -> None:
+def tiny_imagenet_subset(source: DatasetSource, downloads: Path, staging: Path, progress: bool = True) -> None:
     """The official archive's train and val images of the 30 classes of ``wnids.txt`` (from the
     reference manifest) as an ImageFolder: ``train/<wnid>/<file>``, ``val/<wnid>/<file>`` (val
     placed by ``val_annotations.txt``), ``wnids.txt`` sorted, ``words.txt`` their lines."""
@@ -245,7 +245,7 @@ def tiny_imagenet_subset(source: DatasetSource, downloads: Path, staging: Path) 
             with archive.open(member) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst)
 
-        for wnid in tqdm(wnids, desc=f"{source.name}: train classes", leave=False):
+        for wnid in tqdm(wnids, desc=f"{source.name}: train classes", leave=False, disable=not progress):
             prefix = f"{root}train/{wnid}/images/"
             members = [n for n in names if n.startswith(prefix) and n.endswith(".JPEG") and "/" not in n[len(prefix):]]
             if not members:
@@ -327,7 +327,7 @@ def covid_source(base: str = GITHUB_RAW) -> DatasetSource:
     return DatasetSource(
         "covid-chestxray", "COVID-19 chest X-ray collection (609 frontal images, downscaled here) from "
         "GeneralBlockchain/covid-19-chest-xray-lung-bounding-boxes-dataset at 103688cb",
-        "per-image licenses (metadata.csv `license`), boxes CC BY 4.0; no diagnostic claims", "18 MB (raw 0.4 GB)",
+        "per-image licenses (metadata.csv `license`), boxes CC BY 4.0; no diagnostic claims", "18 MB (279 MB downloaded)",
         _github("GeneralBlockchain/covid-19-chest-xray-lung-bounding-boxes-dataset",
                 "103688cbcdd1bada8900b9a9b17fafa45c7ea368", base, files),
         covid_downscaled, reference={path: md5 for path, _, md5 in rows})
@@ -336,7 +336,7 @@ def covid_source(base: str = GITHUB_RAW) -> DatasetSource:
 def tiny_imagenet_source(url: str = TINY_IMAGENET_URL, md5: str = TINY_IMAGENET_MD5) -> DatasetSource:
     return DatasetSource(
         "tiny-imagenet-subset", "30 Tiny-ImageNet classes as an ImageFolder, from the official archive",
-        "ImageNet terms: non-commercial research and education", "66 MB (archive 237 MB)",
+        "ImageNet terms: non-commercial research and education", "66 MB (archive 248 MB)",
         (RemoteFile("tiny-imagenet-200.zip", (url,), md5),), tiny_imagenet_subset,
         reference={path: digest for path, digest in read_manifest("tiny-imagenet-subset")})
 
@@ -366,7 +366,7 @@ def fetch(source: DatasetSource, data: Path | None = None, progress: bool = True
         download_file(remote, downloads, source.name, progress=progress)
     staging = Path(tempfile.mkdtemp(dir=data, prefix=f".{source.name}."))
     try:
-        source.prepare(source, downloads, staging)
+        source.prepare(source, downloads, staging, progress)
         differences = reference_differences(staging, source.reference)
         os.rename(staging, target)
     finally:
