@@ -150,11 +150,13 @@ def test_a_checksum_mismatch_is_a_clear_error_and_keeps_nothing(server, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_next_mirror_serves_what_the_first_lacks(server, tmp_path):
+def test_the_next_mirror_serves_what_the_first_lacks_and_resumes_the_part_file(server, tmp_path):
     server.files["/second/a.bin"] = PAYLOAD
+    (tmp_path / "a.bin.part").write_bytes(PAYLOAD[:1000])
     remote = RemoteFile("a.bin", (closed_port_url() + "/a.bin", server.url + "/first/a.bin",
                                   server.url + "/second/a.bin"), md5(PAYLOAD))
     assert download_file(remote, tmp_path, "demo", progress=False).read_bytes() == PAYLOAD
+    assert server.requests == [("/first/a.bin", "bytes=1000-"), ("/second/a.bin", "bytes=1000-")]
 
 
 def test_offline_names_the_dataset_the_url_and_how_to_place_the_file(tmp_path):

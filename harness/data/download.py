@@ -51,7 +51,7 @@ TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"  # the published md5 of the official archive
 DOWNLOADS = ".downloads"
 _CHUNK = 1 << 20
-_ATTEMPTS = 3  # per mirror: an interrupted transfer is resumed this many times
+_MAX_RESUMES = 5  # per mirror: resumptions of a transfer cut off after some progress
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,25 @@ def _transfer(url: str, part: Path, progress: bool, timeout: float) -> None:
             raise http.client.IncompleteRead(b"", total - part.stat().st_size)
 
 
+def _from_mirrors(remote: RemoteFile, part: Path, progress: bool, timeout: float, failures: list[str]) -> str | None:
+    """Completes ``part`` from the first mirror that serves it; the URL, or None if none did.
+    A transfer cut off after some progress is resumed from the same mirror."""
+    for url in remote.urls:
+        for _ in range(_MAX_RESUMES + 1):
+            before = part.stat().st_size if part.exists() else 0
+            try:
+                _transfer(url, part, progress, timeout)
+                return url
+            except (urllib.error.HTTPError, ValueError) as exc:  # this mirror does not serve the file
+                failures.append(f"{url}: {exc}")
+                break
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:  # offline or cut off
+                failures.append(f"{url}: {getattr(exc, 'reason', exc)!s}")
+                if not part.exists() or part.stat().st_size <= before:
+                    break
+    return None
+
+
 def download_file(remote: RemoteFile, folder: Path, dataset: str, progress: bool = True,
                   timeout: float = 60.0) -> Path:
     """``folder / remote.path``, downloaded (resuming a ``.part`` file) and md5-checked unless
@@ -125,37 +144,23 @@ def download_file(remote: RemoteFile, folder: Path, dataset: str, progress: bool
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
-    failures = []
-    for url in remote.urls:
-        for _ in range(_ATTEMPTS):
-            try:
-                _transfer(url, part, progress, timeout)
-                break
-            except (urllib.error.HTTPError, ValueError) as exc:  # this mirror does not serve the file
-                failures.append(f"{url}: {exc}")
-                part.unlink(missing_ok=True)
-                break
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:  # offline or cut off
-                failures.append(f"{url}: {getattr(exc, 'reason', exc)!s}")
-        else:
-            continue
-        if not part.exists():
-            continue
-        found = md5sum(part)
-        if found != remote.md5:
-            part.unlink()
-            raise InputError(
-                f"{dataset}: {remote.path} from {url} has md5 {found}, expected {remote.md5}; the download was "
-                "deleted. The source changed or the transfer was corrupted: retry, or place a verified copy by hand "
-                f"at {path}."
-            )
-        publish(part, path)
-        return path
-    raise InputError(
-        f"{dataset}: could not download {remote.path} ({'; '.join(failures[-len(remote.urls):])}). Offline? "
-        f"Fetch {' or '.join(remote.urls)} by hand and place it at {path} (md5 {remote.md5}), then rerun "
-        "`make data`; or place the whole dataset folder as ../shared/data/README.md describes it."
-    )
+    failures: list[str] = []
+    url = _from_mirrors(remote, part, progress, timeout, failures)
+    if url is None:
+        raise InputError(
+            f"{dataset}: could not download {remote.path} ({'; '.join(failures)}). Offline? Fetch "
+            f"{' or '.join(remote.urls)} by hand and place it at {path} (md5 {remote.md5}), then rerun `make data`; "
+            "or place the whole dataset folder as ../shared/data/README.md describes it."
+        )
+    found = md5sum(part)
+    if found != remote.md5:
+        part.unlink()
+        raise InputError(
+            f"{dataset}: {remote.path} from {url} has md5 {found}, expected {remote.md5}; the download was deleted. "
+            f"The source changed or the transfer was corrupted: retry, or place a verified copy by hand at {path}."
+        )
+    publish(part, path)
+    return path
 
 
 # ---------------------------------------------------------------- checking assembled folders
