@@ -150,7 +150,7 @@ def download_file(remote: RemoteFile, folder: Path, dataset: str, progress: bool
         raise InputError(
             f"{dataset}: could not download {remote.path} ({'; '.join(failures)}). Offline? Fetch "
             f"{' or '.join(remote.urls)} by hand and place it at {path} (md5 {remote.md5}), then rerun `make data`; "
-            "or place the whole dataset folder as ../shared/data/README.md describes it."
+            "or place the dataset folder itself in the data folder (README.md, section Data)."
         )
     found = md5sum(part)
     if found != remote.md5:
