@@ -319,6 +319,17 @@ def test_tiny_imagenet_subset_from_the_official_archive_layout(server, tmp_path)
     assert len(tiny_imagenet("train", root=folder)) == 60 and len(tiny_imagenet("val", root=folder)) == 30
 
 
+def test_an_archive_without_a_class_is_rejected_and_leaves_no_folder(server, tmp_path):
+    wnids = download.tiny_imagenet_classes()
+    archive, _ = tiny_imagenet_archive(wnids[1:], extra="n02480855")
+    server.files["/tiny-imagenet-200.zip"] = archive
+    source = download.tiny_imagenet_source(url=server.url + "/tiny-imagenet-200.zip", md5=md5(archive))
+    with pytest.raises(InputError, match=rf"has no tiny-imagenet-200/train/{wnids[0]}/images/{wnids[0]}_0.JPEG: it is "
+                                         "not the Tiny-ImageNet archive"):
+        fetch(source, tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".downloads"]
+
+
 def test_a_failed_dataset_leaves_no_folder_and_keeps_verified_downloads(server, tmp_path):
     contents = {"t10k-images-idx3-ubyte.gz": b"images", "t10k-labels-idx1-ubyte.gz": b"labels"}
     source = served(download.mnist_source(mirrors=(server.url + "/mnist/",)), server, contents)

@@ -244,25 +244,31 @@ def tiny_imagenet_subset(source: DatasetSource, downloads: Path, staging: Path, 
     with zipfile.ZipFile(archive_path) as archive:
         root = "tiny-imagenet-200/"
         names = archive.namelist()
+        present = set(names)
+
+        def require(member: str) -> str:
+            if member not in present:
+                raise InputError(f"{archive_path} has no {member}: it is not the Tiny-ImageNet archive")
+            return member
 
         def copy(member: str, target: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(member) as src, open(target, "wb") as dst:
+            with archive.open(require(member)) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst)
 
         for wnid in tqdm(wnids, desc=f"{source.name}: train classes", leave=False, disable=not progress):
             prefix = f"{root}train/{wnid}/images/"
             members = [n for n in names if n.startswith(prefix) and n.endswith(".JPEG") and "/" not in n[len(prefix):]]
             if not members:
-                raise InputError(f"{archive_path} has no {prefix}*.JPEG: it is not the Tiny-ImageNet archive")
+                require(f"{prefix}{wnid}_0.JPEG")
             for member in members:
                 copy(member, staging / "train" / wnid / member[len(prefix):])
         wanted = set(wnids)
-        for line in archive.read(f"{root}val/val_annotations.txt").decode().splitlines():
+        for line in archive.read(require(f"{root}val/val_annotations.txt")).decode().splitlines():
             fields = line.split("\t")
             if len(fields) >= 2 and fields[1] in wanted and "/" not in fields[0]:
                 copy(f"{root}val/images/{fields[0]}", staging / "val" / fields[1] / fields[0])
-        words = [line for line in archive.read(f"{root}words.txt").decode().splitlines()
+        words = [line for line in archive.read(require(f"{root}words.txt")).decode().splitlines()
                  if line.split("\t", 1)[0] in wanted]
     (staging / "wnids.txt").write_text("".join(f"{w}\n" for w in wnids))
     (staging / "words.txt").write_text("".join(f"{w}\n" for w in words))
