@@ -23,6 +23,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -47,7 +48,7 @@ from harness.benchmark.problems import (
 )
 from harness.errors import InputError
 from harness.io import atomic_write_text
-from harness.paths import REPO_ROOT, has_dataset
+from harness.paths import REPO_ROOT, data_dir, dataset_available
 from harness.slicing import rule_slices
 from harness.train import predict
 
@@ -237,10 +238,22 @@ def problem_specs(input_types, n_per_cell: int, first_seed: int, split: str) -> 
     return out
 
 
+# The data-folder dataset each input type needs; None: runs on PyPI-shipped data without it
+# (natural images fall back from MNIST to scikit-learn's digits).
+INPUT_TYPE_DATA = {"natural_images": None, "medical_images": "covid-chestxray", "medical_time_series": "timeseries"}
+
+
 def available_input_types() -> list[str]:
-    """Input types whose shared data is present; natural images always (PyPI digits fallback)."""
-    needs = {"natural_images": None, "medical_images": "covid-chestxray", "medical_time_series": "timeseries"}
-    return [t for t in INPUT_TYPES if needs[t] is None or has_dataset(needs[t])]
+    """Input types whose data is present; natural images always (PyPI digits fallback)."""
+    return [t for t in INPUT_TYPES if t not in unavailable_input_types()]
+
+
+def unavailable_input_types() -> dict[str, str]:
+    """Input types that cannot run here -> why, and how to get their data (with
+    ``INFEMBED_DOWNLOAD=1`` their data is downloaded instead)."""
+    return {t: f"no {name!r} folder in the data folder {data_dir()}; no PyPI package ships it "
+               f"(`make data` or `python -m harness.data.download {name}` fetches it)"
+            for t, name in INPUT_TYPE_DATA.items() if name is not None and not dataset_available(name)}
 
 
 def run_mini_dcbench(input_types, n_per_cell: int, first_seed: int = REPORT_FIRST_SEED, split: str = "report",
@@ -304,11 +317,13 @@ def problem_table(results: pd.DataFrame) -> str:
 
 
 def write_results(results: pd.DataFrame, sources: dict[str, str], elapsed: float, n_per_cell: int,
-                  title: str = "the offline mini-dcbench") -> None:
+                  title: str = "the offline mini-dcbench", out=RESULTS, skipped: dict[str, str] | None = None) -> None:
+    """Writes table1.md / .csv / _problems.csv to ``out``; ``skipped``: input types not run -> why
+    (their cells are listed as not run, and the table is labelled a fallback run)."""
     summary = summarize(results)
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(summary.to_csv(index=False, float_format="%.4f"), RESULTS / "table1.csv")
-    atomic_write_text(results.to_csv(index=False, float_format="%.4f"), RESULTS / "table1_problems.csv")
+    skipped = skipped or {}
+    atomic_write_text(summary.to_csv(index=False, float_format="%.4f"), out / "table1.csv")
+    atomic_write_text(results.to_csv(index=False, float_format="%.4f"), out / "table1_problems.csv")
     other = {m: summarize(results, m) for m in ("best_precision_at_10", "precision_at_25", "auroc")}
     text = [
         f"# Table 1 on {title}",
@@ -320,6 +335,12 @@ def write_results(results: pd.DataFrame, sources: dict[str, str], elapsed: float
         "",
         "Data: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in sources.items()) + ".",
         "",
+    ]
+    if skipped:
+        text += ["## Cells not run", ""] + [
+            f"- {t.replace('_', ' ')} ({', '.join(k.replace('_', ' ') for k in KINDS)}): {why}"
+            for t, why in skipped.items()] + [""]
+    text += [
         f"InfEmbed: {TABLE1_INFEMBED} — chosen on development problems (other seeds, coarse tasks, sub-groups and "
         "attributes; results/ablations_grid.md, results/ablations.md), never on these.",
         "",
@@ -334,7 +355,7 @@ def write_results(results: pd.DataFrame, sources: dict[str, str], elapsed: float
         text += ["", "## Problems (means per cell)", "", "```", stats_by_cell.round(3).to_string(), "```",
                  "", "## Every problem", "", problem_table(results)]
     text.append("")
-    atomic_write_text("\n".join(text), RESULTS / "table1.md")
+    atomic_write_text("\n".join(text), out / "table1.md")
 
 
 # ---------------------------------------------------------------- entry point
@@ -381,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default=os.environ.get("SOURCE") or "mini", choices=("mini", "dcbench"),
                         help="mini (offline mini-dcbench, default) or dcbench (real dcbench; env SOURCE)")
     parser.add_argument("--dcbench-problems", nargs="*", default=[], help="dcbench problem ids (SOURCE=dcbench)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the table1.* files (default {RESULTS})")
     args = parser.parse_args(argv)
     if args.problems < 2:
         parser.error(f"--problems must be >= 2 for a confidence interval; got {args.problems}")
@@ -388,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     # times faster than two competing threads.
     torch.set_num_threads(1)
     start = time.time()
+    skipped: dict[str, str] = {}
+    title = "the offline mini-dcbench"
     if args.source == "dcbench":
         from harness.benchmark.dcbench import DcbenchUnavailable
 
@@ -398,18 +422,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         sources = {"dcbench": f"{results['seed'].nunique()} problems of the real dcbench"}
     else:
-        input_types = available_input_types()
-        missing = [t for t in INPUT_TYPES if t not in input_types]
-        if missing:
-            print(f"shared data absent: skipping {missing}", file=sys.stderr)
+        skipped = unavailable_input_types()
+        for input_type, why in skipped.items():
+            print(f"not run: {input_type.replace('_', ' ')}: {why}", file=sys.stderr)
+        input_types = [t for t in INPUT_TYPES if t not in skipped]
         sources = {t: mini_dcbench_suite(t).source for t in input_types}
         if "natural_images" in sources and "fallback" in sources["natural_images"]:
             print(f"natural images: {sources['natural_images']}", file=sys.stderr)
+        if skipped or "fallback" in sources.get("natural_images", ""):
+            title += " — FALLBACK run without the data folder (PyPI-shipped data only; not the reported Table 1)"
         results = run_mini_dcbench(input_types, args.problems)
+    args.out.mkdir(parents=True, exist_ok=True)
     write_results(results, sources, time.time() - start, args.problems,
-                  "the real dcbench" if args.source == "dcbench" else "the offline mini-dcbench")
+                  "the real dcbench" if args.source == "dcbench" else title, out=args.out, skipped=skipped)
     print(markdown_table(summarize(results)))
-    print(f"wrote {RESULTS / 'table1.md'}, table1.csv, table1_problems.csv in {(time.time() - start) / 60:.1f} min")
+    print(f"wrote {args.out / 'table1.md'}, table1.csv, table1_problems.csv in {(time.time() - start) / 60:.1f} min")
     return 0
 
 

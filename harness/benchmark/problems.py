@@ -405,9 +405,10 @@ class Suite:
 
 def _mnist_suite(split: str) -> Suite:
     from harness.data.mnist import load_mnist, load_sklearn_digits, stroke_attributes
-    from harness.paths import has_dataset
+    from harness.paths import dataset_available
 
-    images = load_mnist() if has_dataset("mnist") else load_sklearn_digits()
+    have_mnist = dataset_available("mnist")
+    images = load_mnist() if have_mnist else load_sklearn_digits()
     attributes = stroke_attributes(images.images)
     fine = images.labels
     # Reported and development problems use different coarse tasks, so their sub-groups
@@ -420,11 +421,14 @@ def _mnist_suite(split: str) -> Suite:
         groups=fine,
         attributes={"thick": median_split(attributes["ink"], fine),
                     "right_slant": median_split(attributes["slant"], fine)},
-        name=f"mnist-coarse{'' if split == 'report' else '-dev'}",
+        # The data name keys the model cache: the fallback digits must not share MNIST's models.
+        name=f"{'mnist' if have_mnist else 'sklearn-digits'}-coarse{'' if split == 'report' else '-dev'}",
         group_names=tuple(f"digit {d}" for d in range(10)),
     )
+    # The fallback's 1,797 digits get as many optimizer steps as MNIST's 10,000 images in 5 epochs.
+    epochs = 5 if have_mnist else round(5 * 10_000 / len(fine))
     return Suite("natural_images", data, lambda: small_conv_net(1, size, 5), f"conv{size}",
-                 TrainConfig(epochs=5, lr=3e-3, seed=0), images.source,
+                 TrainConfig(epochs=epochs, lr=3e-3, seed=0), images.source,
                  "thick" if split == "report" else "right_slant", defaults={"max_test": 1500})
 
 
