@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -36,8 +36,20 @@ from harness.hessian import (
     select_parameters,
     top_eigenpairs,
 )
-from harness.io import atomic_torch_save
+from harness.io import atomic_torch_save, load_torch_file
 from harness.task import ClassificationTask, Task
+from harness.validation import (
+    check_bool,
+    check_factors_state,
+    check_choice,
+    check_device,
+    check_float,
+    check_int,
+    check_layers,
+    check_loader_order,
+    check_optional_int,
+    check_seed,
+)
 
 FACTORS_FORMAT = "harness.influence-factors/1"
 
@@ -119,28 +131,27 @@ class InfluenceEmbedder:
     ):
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        for name, value in (("arnoldi_dim", arnoldi_dim), ("embedding_dim", embedding_dim)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise InputError(f"{name} must be a positive integer; got {value!r}")
-        if embedding_dim > arnoldi_dim:
+        if task is not None and not isinstance(task, Task):
+            raise InputError(f"task must be a harness.Task; got {type(task).__name__}")
+        self.config = FactorConfig(
+            arnoldi_dim=check_int(arnoldi_dim, "arnoldi_dim", 1),
+            embedding_dim=check_int(embedding_dim, "embedding_dim", 1),
+            seed=check_seed(seed),
+            hessian_reduction=check_choice(hessian_reduction, "hessian_reduction", ("mean", "sum")),
+            eigenvalue_rtol=check_float(eigenvalue_rtol, "eigenvalue_rtol", 0.0, 1.0, include_boundaries="left"),
+            breakdown_tol=check_float(breakdown_tol, "breakdown_tol", 0.0, 1.0, include_boundaries="left"),
+            damping=check_float(damping, "damping", 0.0),
+        )
+        if self.config.embedding_dim > self.config.arnoldi_dim:
             raise InputError(
                 f"embedding_dim ({embedding_dim}) > arnoldi_dim ({arnoldi_dim}): at most P eigenpairs exist"
             )
-        if hessian_reduction not in ("mean", "sum"):
-            raise InputError(f"hessian_reduction must be 'mean' or 'sum'; got {hessian_reduction!r}")
-        if damping < 0 or eigenvalue_rtol < 0 or breakdown_tol < 0:
-            raise InputError("damping, eigenvalue_rtol and breakdown_tol must be >= 0")
+        chunk_size = check_optional_int(chunk_size, "chunk_size", 1)
+        progress = check_bool(progress, "progress")
+        device = check_device(device) if device is not None else None
+        basis_device = check_device(basis_device, "basis_device") if basis_device is not None else None
         self.model = model
-        self.layers = [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
-        self.config = FactorConfig(
-            arnoldi_dim=int(arnoldi_dim),
-            embedding_dim=int(embedding_dim),
-            seed=int(seed),
-            hessian_reduction=hessian_reduction,
-            eigenvalue_rtol=float(eigenvalue_rtol),
-            breakdown_tol=float(breakdown_tol),
-            damping=float(damping),
-        )
+        self.layers = check_layers(layers)
         self.task = task if task is not None else ClassificationTask()
         self.selection: ParameterSelection = select_parameters(model, self.layers)
         first = next(model.parameters())
@@ -254,6 +265,7 @@ class InfluenceEmbedder:
 
     def gradients(self, loader: Iterable) -> Iterable[torch.Tensor]:
         """Yields (B, |theta|) per-example gradient blocks, one per batch (for inspection)."""
+        check_loader_order(loader, "input")
         with eval_mode(self.model):
             params = {k: v.to(self.device) for k, v in self._loss.params().items()}
             for i, batch in iterate_batches(loader, self.task, self._loss, self.device, validate=True, what="input"):
@@ -269,6 +281,7 @@ class InfluenceEmbedder:
         shards concatenated in rank order.
         """
         projection = self.projection_
+        check_loader_order(loader, "transform")
         sharded = distributed.is_distributed()
         blocks = [torch.zeros(0, projection.shape[1])]
         total = len(loader) if hasattr(loader, "__len__") else None
@@ -301,8 +314,9 @@ class InfluenceEmbedder:
             "parameter_shapes": [list(s) for s in self.selection.shapes],
             "factors": self.factors_.cpu(),
             "eigenvalues": self.eigenvalues_,
-            "ritz_residuals": self.ritz_residuals_,
-            "arnoldi_spectrum": self.arnoldi_spectrum_,
+            # Tensors, not numpy arrays: the file must load with weights_only=True (no pickle).
+            "ritz_residuals": torch.as_tensor(np.asarray(self.ritz_residuals_)),
+            "arnoldi_spectrum": torch.as_tensor(np.asarray(self.arnoldi_spectrum_)),
             "arnoldi_iterations": self.arnoldi_iterations_,
             "arnoldi_breakdown": self.arnoldi_breakdown_,
             "n_fit_examples": self.n_fit_examples_,
@@ -319,14 +333,11 @@ class InfluenceEmbedder:
         parameters differ in name or shape from those the factors were fitted on.
         """
         path = Path(path)
-        if not path.is_file():
-            raise InputError(f"no factors file at {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # torch raises many types for corrupt files
-            raise InputError(f"{path} is not a readable factors file: {exc}") from exc
-        if not isinstance(state, dict) or state.get("format") != FACTORS_FORMAT:
-            raise InputError(f"{path} is not an InfluenceEmbedder factors file ({FACTORS_FORMAT})")
+        config_fields = [f.name for f in fields(FactorConfig)]
+        clashing = sorted(set(kwargs) & {"layers", *config_fields})
+        if clashing:
+            raise InputError(f"{clashing} come from the factors file and cannot be passed to load")
+        state = check_factors_state(load_torch_file(path, "factors file"), str(path), FACTORS_FORMAT, config_fields)
         embedder = cls(model, layers=state["layers"], **state["config"], **kwargs)
         expected = list(zip(state["parameter_names"], state["parameter_shapes"]))
         actual = [(n, list(s)) for n, s in zip(embedder.selection.names, embedder.selection.shapes)]
@@ -335,7 +346,8 @@ class InfluenceEmbedder:
                 f"the model's selected parameters do not match the saved factors: saved {expected[:3]}..., "
                 f"model {actual[:3]}..."
             )
-        embedder.factors_ = state["factors"].to(embedder.device)
+        dtype = next(iter(embedder._loss.params().values())).dtype
+        embedder.factors_ = state["factors"].to(embedder.device, dtype)
         embedder.eigenvalues_ = state["eigenvalues"]
         embedder.ritz_residuals_ = state["ritz_residuals"]
         embedder.arnoldi_spectrum_ = state["arnoldi_spectrum"]
