@@ -21,6 +21,7 @@ import contextlib
 import os
 import pickle
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -199,3 +200,39 @@ def load_torch_file(path: str | os.PathLike, what: str) -> Any:
     except Exception as exc:  # a truncated or foreign file fails in many ways (zip, EOF, runtime errors)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path} is not a readable {what}: {reason}") from exc
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """``path`` as a ``Path`` if it is, or can be created as, a writable directory."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"{what} must be a path; got {type(path).__name__}")
+    if str(path).strip() == "":
+        raise InputError(f"{what} is an empty path")
+    path = Path(path)
+    folder = path.absolute()
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{what} {path}: {folder} exists and is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: {folder} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
+    """Creates the folder ``path`` (and missing parents) for the writes in the ``with``
+    block; if the block fails, removes the folders it created, so no empty or partly
+    filled output folder is left behind. A folder that existed before is kept."""
+    path = check_output_dir(path, what)
+    created = [folder for folder in (path.absolute(), *path.absolute().parents) if not folder.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create {what} {path}: {exc.strerror}") from exc
+    try:
+        yield path
+    except BaseException:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise

@@ -21,11 +21,26 @@ from harness.errors import InputError
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state range; torch accepts it too
 
 
-def _scalar(value: Any, name: str, target_type, **bounds) -> Any:
+def _bounds(min_val: Any, max_val: Any, include_boundaries: str) -> str:
+    left = include_boundaries in ("left", "both")
+    right = include_boundaries in ("right", "both")
+    if min_val is not None and max_val is not None:
+        return f"in {'[' if left else '('}{min_val}, {max_val}{']' if right else ')'}"
+    if min_val is not None:
+        return f"{'>=' if left else '>'} {min_val}"
+    return f"{'<=' if right else '<'} {max_val}"
+
+
+def _scalar(value: Any, name: str, target_type, min_val=None, max_val=None, include_boundaries="both") -> Any:
+    """scikit-learn's ``check_scalar``, with one message style: "NAME must be ...; got VALUE"."""
     try:
-        return check_scalar(value, name, target_type, **bounds)
-    except (TypeError, ValueError) as exc:
-        raise InputError(str(exc).rstrip(".")) from exc
+        return check_scalar(value, name, target_type, min_val=min_val, max_val=max_val,
+                            include_boundaries=include_boundaries)
+    except TypeError as exc:
+        kind = "an integer" if target_type is numbers.Integral else "a number"
+        raise InputError(f"{name} must be {kind}; got {type(value).__name__} {value!r}") from exc
+    except ValueError as exc:
+        raise InputError(f"{name} must be {_bounds(min_val, max_val, include_boundaries)}; got {value!r}") from exc
 
 
 def check_int(value: Any, name: str, min_val: int | None = None, max_val: int | None = None) -> int:
