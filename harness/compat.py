@@ -211,3 +211,95 @@ def legacy_stack_available(name: str) -> bool:
     except LegacyStackUnavailable:
         return False
     return True
+
+
+# ---------------------------------------------------------------- dcbench's files, without pickle
+# dcbench reads problems.yaml with yaml's FullLoader and model artifacts with plain torch.load
+# (pickle): a downloaded file could run code. These two loaders build only what the files
+# legitimately hold; where an old artifact truly needs pickle, TRUST_PICKLE_ENV=1 opts in.
+TRUST_PICKLE_ENV = "INFEMBED_TRUST_PICKLE"
+
+
+def _dcbench_class(suffix: str, allowed: tuple[type, ...]) -> type | None:
+    """The class named ``module.Name`` if it is one of dcbench's ``allowed`` kinds, else None.
+    Only dcbench's own (installed) modules are imported to find it."""
+    module_name, _, attribute = suffix.rpartition(".")
+    module = sys.modules.get(module_name)
+    if module is None and module_name.split(".")[0] == "dcbench":
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            return None
+    found = getattr(module, attribute, None) if module is not None else None
+    return found if isinstance(found, type) and issubclass(found, allowed) else None
+
+
+def load_dcbench_yaml(stream) -> object:
+    """dcbench's ``problems.yaml`` through ``yaml.SafeLoader``, extended by dcbench's two tags
+    (``!ArtifactContainer``, ``!Artifact``) and by ``!!python/name:`` restricted to dcbench's
+    artifact and container classes: no other Python object can be named or built."""
+    import yaml
+
+    from harness.errors import InputError
+
+    import_dcbench()
+    from dcbench.common.artifact import Artifact, ArtifactContainer
+
+    class DcbenchSafeLoader(yaml.SafeLoader):
+        pass
+
+    def python_name(loader, suffix: str, node):
+        found = _dcbench_class(suffix, (Artifact, ArtifactContainer))
+        if found is None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"refusing to build the Python object {suffix!r} (not a dcbench artifact class)",
+                node.start_mark,
+            )
+        return found
+
+    DcbenchSafeLoader.add_multi_constructor("tag:yaml.org,2002:python/name:", python_name)
+    DcbenchSafeLoader.add_constructor("!ArtifactContainer", ArtifactContainer.from_yaml)
+    DcbenchSafeLoader.add_constructor("!Artifact", Artifact.from_yaml)
+    try:
+        return yaml.load(stream, Loader=DcbenchSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise InputError(f"{getattr(stream, 'name', 'dcbench YAML')} is not a dcbench problems file: {exc}") from exc
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
+
+
+def load_dcbench_model_file(path) -> dict:
+    """A dcbench model artifact (``{"class", "config", "state_dict"}``) with
+    ``torch.load(weights_only=True)``: the ``class`` entry may only name a subclass of
+    dcbench's ``Model`` already defined in this process (so the file runs no code of its
+    own). A file needing anything else is refused unless ``INFEMBED_TRUST_PICKLE=1``."""
+    import os
+    import pickle
+
+    import torch
+
+    from harness.errors import InputError
+
+    dcbench = import_dcbench()
+    model_class = dcbench.common.modeling.Model
+    try:
+        with torch.serialization.safe_globals([model_class, *_subclasses(model_class)]):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if os.environ.get(TRUST_PICKLE_ENV) != "1":
+            raise InputError(
+                f"{path} holds pickled Python objects other than a dcbench model class and tensors; unpickling them "
+                f"can run arbitrary code. Only if you trust where the file came from, set {TRUST_PICKLE_ENV}=1 "
+                "to load it with pickle"
+            ) from exc
+        saved = torch.load(path, map_location="cpu", weights_only=False)  # explicitly trusted by the user
+    if not isinstance(saved, dict) or not {"class", "config", "state_dict"} <= saved.keys():
+        raise InputError(f"{path} is not a dcbench model artifact (a dict with class, config and state_dict)")
+    if not (isinstance(saved["class"], type) and issubclass(saved["class"], model_class)):
+        raise InputError(f"{path}: 'class' is {saved['class']!r}, not a dcbench Model class")
+    return saved
