@@ -77,9 +77,18 @@ def check_output_path(path: str | os.PathLike, what: str = "output file") -> Pat
         folder = folder.parent
     if not folder.is_dir():
         raise InputError(f"{what} {path}: {folder} is not a directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path}: folder {folder} is not writable")
+    _check_writable(folder, f"{what} {path}")
     return path
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Creates and deletes a probe file: unlike ``os.access`` this also catches read-only
+    mounts, pseudo file systems (/proc) and root's writes where permissions do not apply."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".infembed-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{what}: folder {folder} is not writable ({exc.strerror})") from exc
 
 
 def _temp_prefix(path: Path) -> str:
@@ -214,8 +223,7 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
         folder = folder.parent
     if not folder.is_dir():
         raise InputError(f"{what} {path}: {folder} exists and is not a directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path}: {folder} is not writable")
+    _check_writable(folder, f"{what} {path}")
     return path
 
 
