@@ -179,7 +179,15 @@ def _short_repr(value: Any) -> str:
 
 
 def load_examples(path: str | os.PathLike) -> dict[str, Any]:
-    """``{"inputs": Tensor, "targets": LongTensor, "texts": list[str] | None}`` from a data file."""
+    """``{"inputs": Tensor, "targets": LongTensor, "texts": list[str] | None}`` from a data file.
+
+    Raises ``InputError`` for: a missing file; an .npz that is not readable without pickle
+    or lacks ``inputs``/``targets``; a torch file that is not readable with
+    ``weights_only=True`` (a file naming Python objects runs nothing and is refused) or
+    does not hold ``(inputs, targets)``; non-numeric arrays; inputs without a non-empty
+    example dimension; targets that are not 1-D integer class indices; lengths of
+    inputs, targets and texts that differ; texts that are not 1-D.
+    """
     path = _existing_file(path, "data file")
     texts = None
     if path.suffix == ".npz":

@@ -109,6 +109,33 @@ class InfluenceEmbedder:
         Examples per vmap chunk when computing per-example gradients (bounds memory).
     progress : bool
         Show tqdm progress bars.
+
+    Raises
+    ------
+    InputError
+        The constructor rejects: a ``model`` that is not an ``nn.Module``; a ``task`` that
+        is not a :class:`harness.Task`; ``arnoldi_dim``, ``embedding_dim`` that are not
+        integers >= 1 (``True``, ``10.0``, ``"5"`` included) or ``embedding_dim >
+        arnoldi_dim``; a ``seed`` outside the integers 0..2**32-1 (``"abc"``, ``1.7``,
+        ``-1``); ``damping`` not finite or < 0; ``eigenvalue_rtol`` / ``breakdown_tol``
+        not finite or outside [0, 1); ``hessian_reduction`` other than "mean"/"sum";
+        ``chunk_size`` < 1; a non-bool ``progress``; a ``device`` / ``basis_device`` that
+        is not a device name or does not exist here (``"cuda"`` without a GPU); ``layers``
+        that are not names or select no trainable parameter.
+        :meth:`fit` and :meth:`transform` reject: an empty loader; batches that are not
+        ``(inputs, targets)`` for the task; targets that are not 1-D integer class indices
+        in range or do not match the inputs in length; inputs the model cannot run on
+        (wrong width or dtype); non-finite gradients or embeddings. :meth:`transform` and
+        :meth:`gradients` reject a shuffling loader (``shuffle=True``, random samplers).
+        :meth:`load` rejects: a missing file; a file that is not a torch zip, or that
+        names any Python object (it is read with ``weights_only=True``: nothing in it
+        runs); another format tag; missing fields, unknown config keys, config values the
+        constructor rejects; factors, eigenvalues, residuals or spectrum that are not
+        finite floating tensors of matching shapes; eigenvalues <= 0; a model whose
+        selected parameters differ in name or shape; keyword arguments that the file fixes
+        (``layers`` and the :class:`FactorConfig` fields).
+        :meth:`save` rejects a target that is a directory, symlink or device, or in a
+        folder where no file can be created (see :func:`harness.io.atomic_path`).
     """
 
     def __init__(

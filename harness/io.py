@@ -59,11 +59,7 @@ def check_output_path(path: str | os.PathLike, what: str = "output file") -> Pat
     and its nearest existing folder must be a writable directory. Call it before long
     work so that a bad path fails in the first second, not after the computation.
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise InputError(f"{what} must be a path; got {type(path).__name__}")
-    if str(path).strip() == "":
-        raise InputError(f"{what} is an empty path")
-    path = Path(path)
+    path = _as_path(path, what)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -72,18 +68,27 @@ def check_output_path(path: str | os.PathLike, what: str = "output file") -> Pat
         raise InputError(f"{what} {path} cannot be inspected: {exc.strerror}") from exc
     if mode is not None and not stat.S_ISREG(mode):
         raise InputError(f"{what} {path} is {_describe_non_regular(mode)}, not a regular file: refusing to replace it")
-    folder = path.absolute().parent
-    while not folder.exists() and not folder.is_symlink():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise InputError(f"{what} {path}: {folder} is not a directory")
-    _check_writable(folder, f"{what} {path}")
+    _check_writable(path.absolute().parent, f"{what} {path}")
     return path
 
 
+def _as_path(path: Any, what: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"{what} must be a path; got {type(path).__name__}")
+    if str(path).strip() == "":
+        raise InputError(f"{what} is an empty path")
+    return Path(path)
+
+
 def _check_writable(folder: Path, what: str) -> None:
-    """Creates and deletes a probe file: unlike ``os.access`` this also catches read-only
-    mounts, pseudo file systems (/proc) and root's writes where permissions do not apply."""
+    """``folder``, or its nearest existing ancestor (folders are created as needed), must be a
+    directory where a file can be created: a probe file is created and deleted. Unlike
+    ``os.access`` this also catches read-only mounts, pseudo file systems (/proc) and root,
+    to whom permissions do not apply."""
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{what}: {folder} exists and is not a directory")
     try:
         with tempfile.TemporaryFile(dir=folder, prefix=".infembed-probe-"):
             pass
@@ -213,17 +218,8 @@ def load_torch_file(path: str | os.PathLike, what: str) -> Any:
 
 def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     """``path`` as a ``Path`` if it is, or can be created as, a writable directory."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise InputError(f"{what} must be a path; got {type(path).__name__}")
-    if str(path).strip() == "":
-        raise InputError(f"{what} is an empty path")
-    path = Path(path)
-    folder = path.absolute()
-    while not folder.exists() and not folder.is_symlink():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise InputError(f"{what} {path}: {folder} exists and is not a directory")
-    _check_writable(folder, f"{what} {path}")
+    path = _as_path(path, what)
+    _check_writable(path.absolute(), f"{what} {path}")
     return path
 
 

@@ -44,6 +44,10 @@ def kmeans_slices(embeddings: np.ndarray, n_slices: int, seed: int = 0) -> tuple
     Returns ``(slice_ids, distances)``: the slice of every example (0..K-1) and its
     Euclidean distance to its slice's centroid. scikit-learn's K-Means (k-means++,
     ``n_init=10`` restarts, best inertia kept) seeded by ``seed``.
+
+    Raises ``InputError`` for: embeddings that are not a non-empty finite 2-D array of real
+    numbers (strings, bools, NaN); ``n_slices`` not an integer >= 1 (``True`` included) or
+    larger than the number of examples; a ``seed`` outside the integers 0..2**32-1.
     """
     x = _as_embeddings(embeddings)
     n_slices = check_int(n_slices, "n_slices", 1)
@@ -100,6 +104,11 @@ def rule_slices(
     the rule is dropped instead of split. Returns ``(slices, tree)``: the index arrays
     (sorted, in tree order) and the root :class:`RuleNode`. K-Means at every node uses
     ``seed``, so the same inputs and seed give the same slices.
+
+    Raises ``InputError`` for: embeddings as in :func:`kmeans_slices`; ``correct`` not of
+    the embeddings' length or not boolean/0-1; ``max_accuracy`` not a finite number in
+    [0, 1] (``"0.5"`` included); ``min_size`` < 1, ``branching`` < 2, ``max_depth`` < 0 or
+    any of them not an integer; a bad ``seed``.
     """
     x = _as_embeddings(embeddings)
     correct = _check_length(correct, x.shape[0], "correct")
@@ -143,7 +152,10 @@ def rule_slices(
 
 # ---------------------------------------------------------------- opponents / proponents
 def slice_influence(train_embeddings: np.ndarray, slice_embeddings: np.ndarray) -> np.ndarray:
-    """Influence of every training example on the slice's total loss: mu(z')^T sum_i mu(z_i)."""
+    """Influence of every training example on the slice's total loss: mu(z')^T sum_i mu(z_i).
+
+    Raises ``InputError`` when either array is not a non-empty finite 2-D array of real
+    numbers or their widths differ."""
     train = _as_embeddings(train_embeddings, "train_embeddings")
     members = _as_embeddings(slice_embeddings, "slice_embeddings")
     if train.shape[1] != members.shape[1]:
@@ -167,7 +179,8 @@ def slice_opponents(
     """The ``k`` training examples most harmful to the slice (paper, C.6).
 
     Returns ``(indices, scores)`` into ``train_embeddings``, most negative influence on the
-    slice's total loss first.
+    slice's total loss first. Raises ``InputError`` as :func:`slice_influence`, and when
+    ``k`` is not an integer >= 1.
     """
     return _top(slice_influence(train_embeddings, slice_embeddings), k, most_negative=True)
 
@@ -175,7 +188,8 @@ def slice_opponents(
 def slice_proponents(
     train_embeddings: np.ndarray, slice_embeddings: np.ndarray, k: int = 10
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` training examples most helpful to the slice: most positive influence first."""
+    """The ``k`` training examples most helpful to the slice: most positive influence first.
+    Rejects what :func:`slice_opponents` rejects."""
     return _top(slice_influence(train_embeddings, slice_embeddings), k, most_negative=False)
 
 
@@ -220,6 +234,13 @@ def summarize_slices(
 
     ``slices`` is a slice id per example (as from :func:`kmeans_slices`; negative ids are
     ignored) or a list of index arrays (as from :func:`rule_slices`).
+
+    Raises ``InputError`` for: embeddings as in :func:`kmeans_slices`; labels, predictions
+    or slice ids not 1-D of the embeddings' length; slice ids that are not integers; index
+    arrays that are not flat lists of integer indices in range (``1.7``, ``"3"``, ``True``
+    and nested lists included); ``n_nearest`` not an integer >= 1; ``class_names`` that
+    is not a sequence of names or has fewer names than the classes the labels and
+    predictions reach (which must then be non-negative integers).
     """
     x = _as_embeddings(embeddings)
     n = x.shape[0]
