@@ -58,7 +58,7 @@ from harness.report.html import (
 from harness.slicing import kmeans_slices, rule_slices, slice_opponents, slice_proponents, summarize_slices
 from harness.task import ClassificationTask
 from harness.train import config_key, predict
-from harness.validation import check_device, check_indices, check_int, check_numeric_array
+from harness.validation import check_device, check_float, check_indices, check_int, check_numeric_array, check_seed
 
 PROG = "infembed"
 DEBUG_ENV = "INFEMBED_DEBUG"
@@ -87,13 +87,13 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def _existing_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{what} not found: {path}")
+        raise InputError(f"{what} {path} is not a regular file" if path.exists() else f"{what} not found: {path}")
     return path
 
 
 def _where(exc: BaseException, source: str | None = None) -> str:
     """``file:line`` of the innermost frame of ``exc`` (in ``source`` when given)."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() != Path(__file__).resolve()]
     if source is not None:
         frames = [f for f in frames if Path(f.filename).resolve() == Path(source).resolve()] or frames
     return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
@@ -194,7 +194,7 @@ def load_examples(path: str | os.PathLike) -> dict[str, Any]:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {k: archive[k] for k in archive.files}
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise InputError(f"{path} is not a readable .npz of numeric/string arrays: {exc}") from exc
         missing = [k for k in ("inputs", "targets") if k not in arrays]
         if missing:
@@ -319,6 +319,10 @@ def _check_runs_on(model: nn.Module, data: dict[str, Any], device: torch.device,
 
 def cmd_embed(args: argparse.Namespace) -> int:
     batch_size = check_int(args.batch_size, "--batch-size", 1)
+    check_int(args.arnoldi_dim, "--arnoldi-dim", 1)
+    check_int(args.embedding_dim, "--embedding-dim", 1)
+    check_seed(args.seed, "--seed")
+    check_float(args.damping, "--damping", 0.0)
     device = check_device(args.device, "--device")
     out = check_output_path(args.out, "--out")
     factors_path = check_output_path(args.factors, "--factors") if args.factors else None
@@ -420,6 +424,14 @@ def cmd_slices(args: argparse.Namespace) -> int:
             setattr(args, key, default)
     check_int(args.n_nearest, "--n-nearest", 1)
     check_int(args.opponents, "--opponents", 0)
+    check_seed(args.seed, "--seed")
+    if args.k is not None:
+        check_int(args.k, "--k", 1)
+    else:
+        check_float(args.max_accuracy, "--max-accuracy", 0.0, 1.0)
+        check_int(args.min_size, "--min-size", 1)
+        check_int(args.branching, "--branching", 2)
+        check_int(args.max_depth, "--max-depth", 0)
     out = check_output_dir(args.out, "--out")
     emb = load_embeddings(args.embeddings, need_train=args.opponents > 0)
     test = emb["test_embeddings"]

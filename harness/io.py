@@ -213,6 +213,8 @@ def load_torch_file(path: str | os.PathLike, what: str) -> Any:
         ) from exc
     except Exception as exc:  # a truncated or foreign file fails in many ways (zip, EOF, runtime errors)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "PytorchStreamReader" in reason:  # miniz's text goes on to blame torch itself
+            reason = "not a torch zip archive (truncated, or another format)"
         raise InputError(f"{path} is not a readable {what}: {reason}") from exc
 
 

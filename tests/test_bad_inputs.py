@@ -603,3 +603,36 @@ def test_internal_errors_are_one_line_unless_debugging(user_files, tmp_path, cap
     monkeypatch.setenv("INFEMBED_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(args)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"PK\x03\x04garbage", "is not a readable .npz"),  # was an internal BadZipFile
+        (None, "is not a regular file"),  # a directory: was "not found"
+    ],
+)
+def test_unreadable_data_files(user_files, tmp_path, capsys, content, message):
+    path = tmp_path / "train.npz"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    args = _embed_args(user_files, tmp_path / "emb.npz", "--no-cache")
+    args[args.index("--train") + 1] = str(path)
+    _fails(args, capsys, message)
+
+
+def test_torch_zip_errors_do_not_blame_torch(user_files, tmp_path, capsys):
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04garbage")
+    args = _embed_args(user_files, tmp_path / "emb.npz")
+    args[args.index("--checkpoint") + 1] = str(tmp_path / "ckpt.pt")
+    err = _fails(args, capsys, "not a torch zip archive")
+    assert "internal" not in err
+
+
+def test_a_builder_needing_arguments_names_no_line_of_ours(user_files, tmp_path, capsys):
+    args = _embed_args(user_files, tmp_path / "emb.npz")
+    args[args.index("--model-module") + 1] = "torch.nn:Linear"
+    err = _fails(args, capsys, "the model builder torch.nn:Linear() raised TypeError")
+    assert "cli.py" not in err

@@ -263,7 +263,7 @@ def read_summary(directory: Path) -> dict:
         )
     try:
         summary = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(summary, dict):
         raise InputError(f"{path} must hold a JSON object; got {type(summary).__name__}")
