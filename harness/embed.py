@@ -36,7 +36,7 @@ from harness.hessian import (
     select_parameters,
     top_eigenpairs,
 )
-from harness.io import atomic_torch_save, load_torch_file
+from harness.io import atomic_torch_save, check_output_path, load_torch_file
 from harness.task import ClassificationTask, Task
 from harness.validation import (
     check_bool,
@@ -46,6 +46,7 @@ from harness.validation import (
     check_float,
     check_int,
     check_layers,
+    check_loader,
     check_loader_order,
     check_optional_int,
     check_seed,
@@ -225,6 +226,7 @@ class InfluenceEmbedder:
         :func:`harness.distributed.shard`); HVPs are summed over ranks, so every rank
         ends with the same factors.
         """
+        check_loader(loader, "fit", passes="P + 1 times")
         cfg = self.config
         self._loss = self._make_loss()
         with eval_mode(self.model):
@@ -332,7 +334,7 @@ class InfluenceEmbedder:
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the fitted factors atomically (a crash leaves no half-written file)."""
         self._check_fitted()
-        path = Path(path)
+        path = check_output_path(path, "factors file")
         state = {
             "format": FACTORS_FORMAT,
             "config": asdict(self.config),
@@ -359,12 +361,12 @@ class InfluenceEmbedder:
         Raises ``InputError`` when the file is not ours or the model's selected
         parameters differ in name or shape from those the factors were fitted on.
         """
-        path = Path(path)
         config_fields = [f.name for f in fields(FactorConfig)]
         clashing = sorted(set(kwargs) & {"layers", *config_fields})
         if clashing:
             raise InputError(f"{clashing} come from the factors file and cannot be passed to load")
-        state = check_factors_state(load_torch_file(path, "factors file"), str(path), FACTORS_FORMAT, config_fields)
+        state = load_torch_file(path, "factors file")
+        state = check_factors_state(state, str(path), FACTORS_FORMAT, config_fields)
         embedder = cls(model, layers=state["layers"], **state["config"], **kwargs)
         expected = list(zip(state["parameter_names"], state["parameter_shapes"]))
         actual = [(n, list(s)) for n, s in zip(embedder.selection.names, embedder.selection.shapes)]

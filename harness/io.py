@@ -197,7 +197,7 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
 def load_torch_file(path: str | os.PathLike, what: str) -> Any:
     """``torch.load`` with ``weights_only=True``: tensors and plain containers only, so a
     crafted file cannot run code. ``InputError`` (naming ``what``) for anything else."""
-    path = Path(path)
+    path = _as_path(path, what)
     if not path.is_file():
         raise InputError(f"no {what} at {path}" if not path.exists() else f"{what} {path} is not a regular file")
     try:

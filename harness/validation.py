@@ -155,12 +155,26 @@ def check_indices(value: Any, name: str, n: int) -> np.ndarray:
     indices = array.astype(np.int64)
     if indices.min() < 0 or indices.max() >= n:
         raise InputError(f"{name} out of range: indices must lie in [0, {n}); got [{indices.min()}, {indices.max()}]")
+    if np.unique(indices).size != indices.size:
+        raise InputError(f"{name} list an example more than once")
     return indices
+
+
+def check_loader(loader: Any, what: str, passes: str = "once") -> None:
+    """A loader must be an iterable of batches; one iterated more than ``once`` (fit's P + 1
+    passes) must be re-iterable: a generator or iterator would be empty after one pass."""
+    if isinstance(loader, (str, bytes, dict)) or not isinstance(loader, Iterable):
+        raise InputError(f"the {what} loader must be an iterable of batches (a DataLoader or a list); "
+                         f"got {type(loader).__name__}")
+    if passes != "once" and iter(loader) is loader:
+        raise InputError(f"the {what} loader is a one-shot iterator ({type(loader).__name__}), but it is passed over "
+                         f"{passes}: give a DataLoader or a list of batches")
 
 
 def check_loader_order(loader: Any, what: str) -> None:
     """Refuses a loader that visits examples in random order (``shuffle=True`` or a random
     sampler): embeddings come back in loader order and would no longer match the dataset."""
+    check_loader(loader, what)
     sampler = getattr(loader, "sampler", None)
     if sampler is None:
         return

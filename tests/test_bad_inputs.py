@@ -636,3 +636,31 @@ def test_a_builder_needing_arguments_names_no_line_of_ours(user_files, tmp_path,
     args[args.index("--model-module") + 1] = "torch.nn:Linear"
     err = _fails(args, capsys, "the model builder torch.nn:Linear() raised TypeError")
     assert "cli.py" not in err
+
+
+@pytest.mark.parametrize(
+    "loader, message",
+    [
+        (None, "must be an iterable of batches"),
+        (5, "must be an iterable of batches"),
+        ((batch for batch in []), "one-shot iterator (generator)"),  # was "empty loader" after the first pass
+    ],
+)
+def test_fit_loaders_that_cannot_be_passed_over_repeatedly(digits, loader, message):
+    embedder = InfluenceEmbedder(digits[0], layers="1", arnoldi_dim=5, embedding_dim=2, progress=False)
+    with pytest.raises(InputError, match=re.escape(message)):
+        embedder.fit(loader)
+
+
+def test_paths_of_the_wrong_type(fitted, digits):
+    embedder, _ = fitted
+    with pytest.raises(InputError, match="factors file must be a path; got NoneType"):
+        embedder.save(None)
+    with pytest.raises(InputError, match="factors file must be a path; got NoneType"):
+        InfluenceEmbedder.load(None, digits[0])
+
+
+def test_a_slice_listing_an_example_twice(slice_data):
+    embeddings, labels, predictions = slice_data
+    with pytest.raises(InputError, match="more than once"):
+        summarize_slices(np.zeros((len(embeddings), 2), int), embeddings, labels, predictions)
