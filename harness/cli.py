@@ -8,7 +8,12 @@
     python -m harness report results/
 
 (``infembed`` is the same program installed as a console script.) Every bad input
-exits with status 2 and one line naming the problem.
+exits with status 2 and one line naming the problem, checked before the long work
+starts; Ctrl-C exits with 130 and one line; an internal error exits with 1 and one line
+(``INFEMBED_DEBUG=1`` shows the traceback instead). Outputs are written atomically, so a
+failure or an interrupt leaves nothing half-written, and ``embed`` caches the fitted
+factors (keyed by model, weights, training data and options), so a rerun resumes after
+the fit.
 """
 
 from __future__ import annotations

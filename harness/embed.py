@@ -123,7 +123,9 @@ class InfluenceEmbedder:
         ``chunk_size`` < 1; a non-bool ``progress``; a ``device`` / ``basis_device`` that
         is not a device name or does not exist here (``"cuda"`` without a GPU); ``layers``
         that are not names or select no trainable parameter.
-        :meth:`fit` and :meth:`transform` reject: an empty loader; batches that are not
+        :meth:`fit` and :meth:`transform` reject: a loader that is not an iterable of
+        batches, and for :meth:`fit` one that cannot be passed over repeatedly (a
+        generator or iterator); an empty loader; batches that are not
         ``(inputs, targets)`` for the task; targets that are not 1-D integer class indices
         in range or do not match the inputs in length; inputs the model cannot run on
         (wrong width or dtype); non-finite gradients or embeddings. :meth:`transform` and

@@ -237,8 +237,8 @@ def summarize_slices(
 
     Raises ``InputError`` for: embeddings as in :func:`kmeans_slices`; labels, predictions
     or slice ids not 1-D of the embeddings' length; slice ids that are not integers; index
-    arrays that are not flat lists of integer indices in range (``1.7``, ``"3"``, ``True``
-    and nested lists included); ``n_nearest`` not an integer >= 1; ``class_names`` that
+    arrays that are not flat lists of distinct integer indices in range (``1.7``, ``"3"``,
+    ``True`` and nested lists included); ``n_nearest`` not an integer >= 1; ``class_names`` that
     is not a sequence of names or has fewer names than the classes the labels and
     predictions reach (which must then be non-negative integers).
     """
