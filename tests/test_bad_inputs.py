@@ -664,3 +664,31 @@ def test_a_slice_listing_an_example_twice(slice_data):
     embeddings, labels, predictions = slice_data
     with pytest.raises(InputError, match="more than once"):
         summarize_slices(np.zeros((len(embeddings), 2), int), embeddings, labels, predictions)
+
+
+def test_dcbench_panels_are_read_without_unpickling(dcbench_module, tmp_path, monkeypatch):
+    """meerkat's DataPanel.read unpickles state.dill and object .npy blocks; our reader does neither."""
+    import pickle
+    from types import SimpleNamespace
+
+    import meerkat as mk
+
+    from harness.compat import TRUST_PICKLE_ENV, load_dcbench_panel
+
+    monkeypatch.delenv(TRUST_PICKLE_ENV, raising=False)
+    folder = tmp_path / "panel.mk"
+    ids, act, probs = np.array(["a", "b", "c"]), np.arange(12.0).reshape(3, 4), torch.rand(3, 2)
+    mk.DataPanel({"id": ids, "act": act, "probs": probs}).write(str(folder))
+    marker = tmp_path / "pwned"
+    for state in folder.rglob("state.dill"):
+        state.write_bytes(pickle.dumps(Payload(marker)))
+    panel = load_dcbench_panel(SimpleNamespace(local_path=folder))
+    assert not marker.exists()
+    np.testing.assert_array_equal(panel["id"].data, ids)
+    np.testing.assert_array_equal(panel["act"].data, act)
+    torch.testing.assert_close(panel["probs"].data, probs)
+    (block,) = [p for p in folder.rglob("data.npy") if np.load(p).dtype.kind == "U"]
+    np.save(block, np.array([Payload(marker)] * 3, dtype=object)[:, None], allow_pickle=True)
+    with pytest.raises(InputError, match=f"cannot be read without unpickling.*{TRUST_PICKLE_ENV}=1"):
+        load_dcbench_panel(SimpleNamespace(local_path=folder))
+    assert not marker.exists()

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from harness.baselines import ConfusionSlicer, DominoSlicer, KMeansSlicer
 from harness.benchmark.metrics import slice_metrics
-from harness.compat import import_dcbench, load_dcbench_model_file, load_dcbench_yaml
+from harness.compat import import_dcbench, load_dcbench_model_file, load_dcbench_panel, load_dcbench_yaml
 from harness.embed import InfluenceEmbedder
 from harness.errors import InputError
 
@@ -253,7 +253,7 @@ def load_problem(problem_id: str, *, remote_url: str | None = None, local_dir: s
             raise InputError(f"dcbench problem {problem_id!r} lacks the artifacts {missing}")
         for name in tqdm(ARTIFACT_NAMES, desc="dcbench artifacts", disable=not progress, leave=False):
             _ensure_artifact(problem.artifacts[name], base, progress)
-        panels = {name: problem.artifacts[name].load() for name in ARTIFACT_NAMES if name != "model"}
+        panels = {name: load_dcbench_panel(problem.artifacts[name]) for name in ARTIFACT_NAMES if name != "model"}
         model = _load_model(problem.artifacts["model"])
 
     head = final_linear_layer(model)
