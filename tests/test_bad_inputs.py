@@ -692,3 +692,10 @@ def test_dcbench_panels_are_read_without_unpickling(dcbench_module, tmp_path, mo
     with pytest.raises(InputError, match=f"cannot be read without unpickling.*{TRUST_PICKLE_ENV}=1"):
         load_dcbench_panel(SimpleNamespace(local_path=folder))
     assert not marker.exists()
+
+
+def test_a_deeply_nested_summary_is_one_line(embeddings, tmp_path, capsys):
+    assert main(["slices", "--embeddings", str(embeddings), "--k", "3", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    capsys.readouterr()
+    (tmp_path / "s" / "summary.json").write_text("[" * 100_000)  # was a RecursionError traceback
+    _fails(["report", str(tmp_path / "s"), "--quiet"], capsys, "summary.json is not valid JSON")
