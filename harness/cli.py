@@ -302,8 +302,10 @@ def _factors_cache_path(model: nn.Module, train: dict[str, Any], embedder: Influ
     for tensor in (train["inputs"], train["targets"]):
         digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
         digest.update(tensor.contiguous().numpy().tobytes())
-    digest.update(config_key({"config": asdict(embedder.config), "layers": embedder.layers,
-                              "torch": torch.__version__, "format": FACTORS_FORMAT}).encode())
+    # torch's kernels differ by CPU capability and version, and so do the factors' last digits.
+    digest.update(config_key({"config": asdict(embedder.config), "layers": embedder.layers, "torch": torch.__version__,
+                              "cpu": torch.backends.cpu.get_cpu_capability(), "device": str(embedder.device),
+                              "format": FACTORS_FORMAT}).encode())
     return cache_dir("cli", "factors") / f"{digest.hexdigest()[:24]}.pt"
 
 

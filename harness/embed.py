@@ -40,9 +40,9 @@ from harness.io import atomic_torch_save, check_output_path, load_torch_file
 from harness.task import ClassificationTask, Task
 from harness.validation import (
     check_bool,
-    check_factors_state,
     check_choice,
     check_device,
+    check_factors_state,
     check_float,
     check_int,
     check_layers,
@@ -360,8 +360,8 @@ class InfluenceEmbedder:
         """Rebuilds a fitted embedder for ``model`` from :meth:`save`'s file.
 
         ``kwargs`` (task, device, chunk_size, progress, ...) are passed to the constructor.
-        Raises ``InputError`` when the file is not ours or the model's selected
-        parameters differ in name or shape from those the factors were fitted on.
+        The file is read with ``weights_only=True`` (nothing in it can run) and every field
+        is checked; see the class docstring for what raises ``InputError``.
         """
         config_fields = [f.name for f in fields(FactorConfig)]
         clashing = sorted(set(kwargs) & {"layers", *config_fields})
