@@ -699,3 +699,13 @@ def test_a_deeply_nested_summary_is_one_line(embeddings, tmp_path, capsys):
     capsys.readouterr()
     (tmp_path / "s" / "summary.json").write_text("[" * 100_000)  # was a RecursionError traceback
     _fails(["report", str(tmp_path / "s"), "--quiet"], capsys, "summary.json is not valid JSON")
+
+
+def test_imagenet_weights_payload_runs_nothing(tmp_path):
+    from harness.models.vision import imagenet_resnet
+
+    marker = tmp_path / "pwned"
+    torch.save({"conv1.weight": Payload(marker)}, tmp_path / "weights.pth")
+    with pytest.raises(InputError, match="references the Python object") as info:
+        imagenet_resnet("resnet18", tmp_path / "weights.pth")
+    assert not marker.exists() and "weights_only" not in str(info.value)
