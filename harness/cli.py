@@ -8,17 +8,26 @@
     python -m harness report results/
 
 (``infembed`` is the same program installed as a console script.) Every bad input
-exits with status 2 and one line naming the problem.
+exits with status 2 and one line naming the problem, checked before the long work
+starts; Ctrl-C exits with 130 and one line; an internal error exits with 1 and one line
+(``INFEMBED_DEBUG=1`` shows the traceback instead). Outputs are written atomically, so a
+failure or an interrupt leaves nothing half-written, and ``embed`` caches the fitted
+factors (keyed by model, weights, training data and options), so a rerun resumes after
+the fit.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import importlib
 import importlib.util
 import json
 import os
 import sys
+import traceback
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,10 +39,19 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from harness.embed import InfluenceEmbedder
-from harness.errors import InputError
 from harness import distributed
-from harness.io import atomic_savez, atomic_write_text
+from harness.embed import FACTORS_FORMAT, InfluenceEmbedder
+from harness.errors import InputError
+from harness.io import (
+    atomic_path,
+    atomic_savez,
+    atomic_write_text,
+    check_output_dir,
+    check_output_path,
+    load_torch_file,
+    output_dir,
+)
+from harness.paths import cache_dir
 from harness.report.html import (
     experiment_dirs,
     read_slice_table,
@@ -43,9 +61,12 @@ from harness.report.html import (
     write_reports,
 )
 from harness.slicing import kmeans_slices, rule_slices, slice_opponents, slice_proponents, summarize_slices
-from harness.train import predict
+from harness.task import ClassificationTask
+from harness.train import config_key, predict
+from harness.validation import check_device, check_float, check_indices, check_int, check_numeric_array, check_seed
 
 PROG = "infembed"
+DEBUG_ENV = "INFEMBED_DEBUG"
 EMBEDDINGS_FORMAT = "harness.embeddings/1"
 REQUIRED_EMBEDDING_KEYS = ("test_embeddings", "test_labels", "test_predictions")
 
@@ -71,74 +92,128 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def _existing_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{what} not found: {path}")
+        raise InputError(f"{what} {path} is not a regular file" if path.exists() else f"{what} not found: {path}")
     return path
+
+
+def _where(exc: BaseException, source: str | None = None) -> str:
+    """``file:line`` of the innermost frame of ``exc`` (in ``source`` when given)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() != Path(__file__).resolve()]
+    if source is not None:
+        frames = [f for f in frames if Path(f.filename).resolve() == Path(source).resolve()] or frames
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+
+
+def _user_code_error(what: str, exc: Exception, source: str | None = None) -> InputError:
+    if isinstance(exc, SyntaxError):
+        return InputError(f"{what}: syntax error in {exc.filename}, line {exc.lineno}: {exc.msg}")
+    reason = str(exc).splitlines()[0] if str(exc) else ""
+    return InputError(f"{what} raised {type(exc).__name__}{': ' + reason if reason else ''}{_where(exc, source)}")
+
+
+def _import_model_module(module_name: str):
+    if module_name.endswith(".py"):
+        source = _existing_file(module_name, "model file")
+        module_spec = importlib.util.spec_from_file_location(source.stem, source)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's code: any failure is theirs to fix, named in one line
+            raise _user_code_error(f"loading model file {source}", exc, str(source)) from exc
+        return module
+    # Console scripts do not put the working directory on sys.path; `python -m` does.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise InputError(f"cannot import model module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # the user's code
+        raise _user_code_error(f"importing model module {module_name!r}", exc) from exc
 
 
 def load_model(spec: str, checkpoint: str | None = None):
     """The model named by ``MODULE:ATTRIBUTE`` (a dotted module or a .py file), with weights
     from ``checkpoint`` (a state dict, or a dict holding one under 'state_dict' /
-    'model_state_dict'). ATTRIBUTE is an ``nn.Module`` or a callable returning one."""
+    'model_state_dict'). ATTRIBUTE is an ``nn.Module`` or a callable returning one.
+
+    Raises ``InputError`` for: a spec without ``:``; a missing file or module; a syntax
+    error or exception in the module or the builder (naming file and line); an attribute
+    that is neither a module nor a callable returning one; a checkpoint that is missing,
+    not a torch file, holds pickled objects, is not a state dict or does not fit.
+    """
     module_name, sep, attribute = spec.rpartition(":")
     if not sep or not module_name or not attribute:
         raise InputError(f"--model-module must be MODULE:ATTRIBUTE (e.g. mypkg.models:build); got {spec!r}")
-    if module_name.endswith(".py"):
-        source = _existing_file(module_name, "model file")
-        module_spec = importlib.util.spec_from_file_location(source.stem, source)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        # Console scripts do not put the working directory on sys.path; `python -m` does.
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            raise InputError(f"cannot import model module {module_name!r}: {exc}") from exc
+    module = _import_model_module(module_name)
     if not hasattr(module, attribute):
         raise InputError(f"model module {module_name!r} has no attribute {attribute!r}")
     target = getattr(module, attribute)
-    model = target if isinstance(target, nn.Module) else (target() if callable(target) else None)
-    if not isinstance(model, nn.Module):
-        raise InputError(f"{spec} must be an nn.Module or a callable returning one; got {type(model).__name__}")
+    if isinstance(target, nn.Module):
+        model = target
+    elif callable(target):
+        try:
+            model = target()
+        except Exception as exc:  # the user's builder
+            raise _user_code_error(f"the model builder {spec}()", exc) from exc
+        if not isinstance(model, nn.Module):
+            raise InputError(f"the model builder {spec}() returned {type(model).__name__}, not an nn.Module")
+    else:
+        raise InputError(
+            f"{spec} is {type(target).__name__} {_short_repr(target)}, not an nn.Module or a callable returning one"
+        )
     if checkpoint is not None:
         path = _existing_file(checkpoint, "checkpoint")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for unreadable files
-            raise InputError(f"{path} is not a readable state-dict checkpoint: {exc}") from exc
+        state = load_torch_file(path, "state-dict checkpoint")
         if isinstance(state, dict):
             state = state.get("state_dict", state.get("model_state_dict", state))
-        if not isinstance(state, dict):
-            raise InputError(f"{path} holds {type(state).__name__}, not a state dict")
+        if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+            raise InputError(f"{path} holds {type(state).__name__}, not a state dict (parameter name -> tensor)")
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
             raise InputError(f"checkpoint {path} does not fit the model built by {spec}: {exc}") from exc
+    if next(model.parameters(), None) is None:
+        raise InputError(f"the model built by {spec} has no parameters")
     return model.eval()
 
 
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return f"({text[:40]}...)" if len(text) > 40 else f"({text})"
+
+
 def load_examples(path: str | os.PathLike) -> dict[str, Any]:
-    """``{"inputs": Tensor, "targets": LongTensor, "texts": list[str] | None}`` from a data file."""
+    """``{"inputs": Tensor, "targets": LongTensor, "texts": list[str] | None}`` from a data file.
+
+    Raises ``InputError`` for: a missing file; an .npz that is not readable without pickle
+    or lacks ``inputs``/``targets``; a torch file that is not readable with
+    ``weights_only=True`` (a file naming Python objects runs nothing and is refused) or
+    does not hold ``(inputs, targets)``; non-numeric arrays; inputs without a non-empty
+    example dimension; targets that are not 1-D integer class indices; lengths of
+    inputs, targets and texts that differ; texts that are not 1-D.
+    """
     path = _existing_file(path, "data file")
     texts = None
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {k: archive[k] for k in archive.files}
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise InputError(f"{path} is not a readable .npz of numeric/string arrays: {exc}") from exc
         missing = [k for k in ("inputs", "targets") if k not in arrays]
         if missing:
             raise InputError(f"{path} lacks array(s) {missing}; it has {sorted(arrays)}")
-        inputs, targets = torch.as_tensor(arrays["inputs"]), torch.as_tensor(arrays["targets"])
+        try:
+            inputs, targets = torch.as_tensor(arrays["inputs"]), torch.as_tensor(arrays["targets"])
+        except (TypeError, RuntimeError) as exc:
+            raise InputError(f"{path}: inputs and targets must be numeric arrays: {exc}") from exc
         if "texts" in arrays:
+            if arrays["texts"].ndim != 1:
+                raise InputError(f"{path}: texts must be a 1-D array of strings; got shape {arrays['texts'].shape}")
             texts = [str(t) for t in arrays["texts"]]
     else:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for unreadable files
-            raise InputError(f"{path} is not a readable torch file of (inputs, targets): {exc}") from exc
+        data = load_torch_file(path, "torch file of (inputs, targets)")
         if isinstance(data, dict) and {"inputs", "targets"} <= data.keys():
             inputs, targets = data["inputs"], data["targets"]
         elif isinstance(data, (tuple, list)) and len(data) == 2:
@@ -160,17 +235,42 @@ def load_examples(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_embeddings(path: str | os.PathLike, need_train: bool = False) -> dict[str, Any]:
+    """The arrays of an embeddings file, each checked: embeddings 2-D and finite, labels and
+    predictions 1-D integers of matching length, ``meta`` a JSON object. ``InputError`` otherwise."""
     path = _existing_file(path, "embeddings file")
     try:
         with np.load(path, allow_pickle=False) as archive:
             data = {k: archive[k] for k in archive.files}
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path} is not a readable .npz embeddings file: {exc}") from exc
     required = [*REQUIRED_EMBEDDING_KEYS, *(["train_embeddings"] if need_train else [])]
     missing = [k for k in required if k not in data]
     if missing:
         raise InputError(f"{path} lacks array(s) {missing}; it has {sorted(data)}")
-    data["meta"] = json.loads(str(data["meta"])) if "meta" in data else {}
+    for split in ("train", "test"):
+        if f"{split}_embeddings" not in data:
+            continue
+        embeddings = check_numeric_array(data[f"{split}_embeddings"], f"{path}: {split}_embeddings")
+        if embeddings.ndim != 2 or embeddings.shape[0] == 0 or not np.isfinite(embeddings).all():
+            raise InputError(f"{path}: {split}_embeddings must be a non-empty finite 2-D array; got {embeddings.shape}")
+        for kind in ("labels", "predictions"):
+            key = f"{split}_{kind}"
+            if key in data:
+                values = data[key]
+                if values.shape != (embeddings.shape[0],) or not np.issubdtype(values.dtype, np.integer):
+                    raise InputError(f"{path}: {key} must be {embeddings.shape[0]} integer class indices; "
+                                     f"got {values.dtype} {values.shape}")
+    if need_train and data["train_embeddings"].shape[1] != data["test_embeddings"].shape[1]:
+        raise InputError(f"{path}: train and test embeddings differ in width")
+    meta = {}
+    if "meta" in data:
+        try:
+            meta = json.loads(str(data["meta"]))
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise InputError(f"{path}: 'meta' is not valid JSON: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise InputError(f"{path}: 'meta' must be a JSON object; got {type(meta).__name__}")
+    data["meta"] = meta
     return data
 
 
@@ -179,7 +279,10 @@ def _class_names(value: str | None) -> list[str] | None:
     if value is None:
         return None
     path = Path(value)
-    names = path.read_text().splitlines() if path.is_file() else value.split(",")
+    try:
+        names = path.read_text().splitlines() if path.is_file() else value.split(",")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--class-names file {path} is not readable text: {exc}") from exc
     names = [n.strip() for n in names if n.strip()]
     if not names:
         raise InputError(f"--class-names {value!r} holds no names")
@@ -187,20 +290,54 @@ def _class_names(value: str | None) -> list[str] | None:
 
 
 # ---------------------------------------------------------------- embed
+def _factors_cache_path(model: nn.Module, train: dict[str, Any], embedder: InfluenceEmbedder) -> Path:
+    """Where the factors of this exact fit are cached: keyed by the model (architecture and
+    every weight), the training data and the factor configuration, so a rerun after an
+    interrupt (or with other test data) skips FactorHessian."""
+    digest = hashlib.sha256()
+    digest.update(repr(model).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for tensor in (train["inputs"], train["targets"]):
+        digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    # torch's kernels differ by CPU capability and version, and so do the factors' last digits.
+    digest.update(config_key({"config": asdict(embedder.config), "layers": embedder.layers, "torch": torch.__version__,
+                              "cpu": torch.backends.cpu.get_cpu_capability(), "device": str(embedder.device),
+                              "format": FACTORS_FORMAT}).encode())
+    return cache_dir("cli", "factors") / f"{digest.hexdigest()[:24]}.pt"
+
+
+def _check_runs_on(model: nn.Module, data: dict[str, Any], device: torch.device, split: str, batch_size: int) -> None:
+    """The model runs on the split's first batch (right width and dtype, targets in range):
+    a mismatch fails here, in the first second, not after the fit."""
+    inputs, targets = data["inputs"][:batch_size].to(device), data["targets"][:batch_size].to(device)
+    try:
+        ClassificationTask().validate(model, (inputs, targets))
+    except InputError as exc:
+        raise InputError(f"--{split} {exc}") from exc
+    with torch.no_grad():
+        n_classes = model(inputs[:1]).shape[-1]
+    low, high = int(data["targets"].min()), int(data["targets"].max())
+    if low < 0 or high >= n_classes:
+        raise InputError(f"--{split}: targets span [{low}, {high}] but the model has {n_classes} classes")
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1; got {args.batch_size}")
+    batch_size = check_int(args.batch_size, "--batch-size", 1)
+    check_int(args.arnoldi_dim, "--arnoldi-dim", 1)
+    check_int(args.embedding_dim, "--embedding-dim", 1)
+    check_seed(args.seed, "--seed")
+    check_float(args.damping, "--damping", 0.0)
+    device = check_device(args.device, "--device")
+    out = check_output_path(args.out, "--out")
+    factors_path = check_output_path(args.factors, "--factors") if args.factors else None
+    if factors_path is not None and factors_path.absolute() == out.absolute():
+        raise InputError("--factors and --out name the same file")
     # Under torchrun each rank factors and embeds its own contiguous shard (see harness.distributed).
     sharded = distributed.init_from_env()
-    model = load_model(args.model_module, args.checkpoint).to(args.device)
-    dtype = next(model.parameters()).dtype
-    splits, shards = {}, {}
-    for split, path in (("train", args.train), ("test", args.test)):
-        data = load_examples(path)
-        inputs = data["inputs"].to(dtype) if data["inputs"].dtype.is_floating_point else data["inputs"]
-        dataset = TensorDataset(inputs, data["targets"])
-        splits[split] = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
-        shards[split] = DataLoader(distributed.shard(dataset), batch_size=args.batch_size) if sharded else splits[split]
+    model = load_model(args.model_module, args.checkpoint).to(device)
     embedder = InfluenceEmbedder(
         model,
         layers=args.layers,
@@ -209,14 +346,31 @@ def cmd_embed(args: argparse.Namespace) -> int:
         seed=args.seed,
         hessian_reduction=args.hessian_reduction,
         damping=args.damping,
-        device=args.device,
+        device=device,
         progress=not args.quiet,
     )
-    embedder.fit(shards["train"])
+    dtype = next(model.parameters()).dtype
+    examples, splits, shards = {}, {}, {}
+    for split, path in (("train", args.train), ("test", args.test)):
+        data = examples[split] = load_examples(path)
+        if data["inputs"].dtype.is_floating_point:
+            data["inputs"] = data["inputs"].to(dtype)
+        _check_runs_on(model, data, device, split, batch_size)
+        dataset = TensorDataset(data["inputs"], data["targets"])
+        splits[split] = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        shards[split] = DataLoader(distributed.shard(dataset), batch_size=batch_size) if sharded else splits[split]
+    cached = None if (sharded or args.no_cache) else _factors_cache_path(model, examples["train"], embedder)
+    if cached is not None and cached.is_file():
+        embedder = InfluenceEmbedder.load(cached, model, device=device, progress=not args.quiet)
+        print(f"reusing the factors fitted earlier on the same model and data ({cached})", file=sys.stderr)
+    else:
+        embedder.fit(shards["train"])
+        if cached is not None:
+            embedder.save(cached)
     arrays: dict[str, Any] = {"eigenvalues": embedder.eigenvalues_.numpy()}
     for split, loader in splits.items():
         arrays[f"{split}_embeddings"] = embedder.transform(shards[split])
-        predictions = predict(model, loader, device=args.device, progress=not args.quiet)
+        predictions = predict(model, loader, device=device, progress=not args.quiet)
         arrays[f"{split}_labels"] = predictions.targets
         arrays[f"{split}_predictions"] = predictions.predicted
     meta = {
@@ -231,13 +385,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
         "n_parameters": embedder.selection.numel,
         "test_accuracy": float((arrays["test_labels"] == arrays["test_predictions"]).mean()),
     }
-    out = Path(args.out)
     if distributed.rank() != 0:  # every rank holds the same result; one writes it
         return 0
     meta["world_size"] = distributed.world_size()
-    atomic_savez(out, meta=np.array(json.dumps(meta)), **arrays)
-    if args.factors:
-        embedder.save(args.factors)
+    # Both files or neither: the factors go to a temporary name first and are renamed only
+    # once the embeddings are written too.
+    with contextlib.ExitStack() as stack:
+        if factors_path is not None:
+            embedder.save(stack.enter_context(atomic_path(factors_path)))
+        atomic_savez(out, meta=np.array(json.dumps(meta)), **arrays)
     print(
         f"wrote {out}: train {arrays['train_embeddings'].shape}, test {arrays['test_embeddings'].shape}, "
         f"{embedder.n_components_} components over {embedder.selection.numel} parameters; "
@@ -273,8 +429,17 @@ def cmd_slices(args: argparse.Namespace) -> int:
     for key, default in rule_options.items():
         if getattr(args, key) is None:
             setattr(args, key, default)
-    if args.n_nearest < 1 or args.opponents < 0:
-        raise InputError("--n-nearest must be >= 1 and --opponents >= 0")
+    check_int(args.n_nearest, "--n-nearest", 1)
+    check_int(args.opponents, "--opponents", 0)
+    check_seed(args.seed, "--seed")
+    if args.k is not None:
+        check_int(args.k, "--k", 1)
+    else:
+        check_float(args.max_accuracy, "--max-accuracy", 0.0, 1.0)
+        check_int(args.min_size, "--min-size", 1)
+        check_int(args.branching, "--branching", 2)
+        check_int(args.max_depth, "--max-depth", 0)
+    out = check_output_dir(args.out, "--out")
     emb = load_embeddings(args.embeddings, need_train=args.opponents > 0)
     test = emb["test_embeddings"]
     labels, predictions = emb["test_labels"], emb["test_predictions"]
@@ -293,9 +458,10 @@ def cmd_slices(args: argparse.Namespace) -> int:
             )
     names = _class_names(args.class_names)
     if names is not None:
-        span = int(max(labels.max(), predictions.max()))
-        if span >= len(names):
-            raise InputError(f"--class-names has {len(names)} names but labels/predictions reach class {span}")
+        named = [labels, predictions, *([emb["train_labels"]] if args.opponents and "train_labels" in emb else [])]
+        low, span = int(min(v.min() for v in named)), int(max(v.max() for v in named))
+        if low < 0 or span >= len(names):
+            raise InputError(f"--class-names has {len(names)} names but labels/predictions span classes [{low}, {span}]")
     frame = summarize_slices(slices, test, labels, predictions, n_nearest=args.n_nearest, class_names=names)
     if args.opponents:
         train = emb["train_embeddings"]
@@ -310,17 +476,25 @@ def cmd_slices(args: argparse.Namespace) -> int:
                 [names[emb["train_labels"][i]] if names else int(emb["train_labels"][i]) for i in ids]
                 for ids, _ in opponents
             ]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     test_data = load_examples(args.test_data) if args.test_data else None
     if test_data is not None and test_data["inputs"].shape[0] != test.shape[0]:
         raise InputError(f"--test-data has {test_data['inputs'].shape[0]} examples but {test.shape[0]} test embeddings")
+    train_data = load_examples(args.train_data) if args.train_data and args.opponents else None
+    if train_data is not None and train_data["inputs"].shape[0] != emb["train_embeddings"].shape[0]:
+        raise InputError(f"--train-data has {train_data['inputs'].shape[0]} examples but "
+                         f"{emb['train_embeddings'].shape[0]} train embeddings")
+    with output_dir(out, "--out"):  # a failure from here on leaves no new folder behind
+        _write_slice_report(args, out, frame, emb, method, test_data, train_data)
+    shown = frame[["slice", "size", "accuracy", "n_errors", "top_label", "top_prediction"]]
+    print(shown.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"wrote {out / 'slices.csv'} and {out / 'summary.json'}; render with: {PROG} report {out}")
+    return 0
+
+
+def _write_slice_report(args, out: Path, frame, emb: dict, method: dict, test_data, train_data) -> None:
+    test, labels, predictions = emb["test_embeddings"], emb["test_labels"], emb["test_predictions"]
     _thumbnail_or_text_columns(frame, "nearest", "nearest", test_data, out, "test")
     if args.opponents:
-        train_data = load_examples(args.train_data) if args.train_data else None
-        if train_data is not None and train_data["inputs"].shape[0] != emb["train_embeddings"].shape[0]:
-            raise InputError(f"--train-data has {train_data['inputs'].shape[0]} examples but "
-                             f"{emb['train_embeddings'].shape[0]} train embeddings")
         _thumbnail_or_text_columns(frame, "opponents", "opponent", train_data, out, "train")
     save_slice_table(frame, out / "slices.csv")
     meta = emb["meta"]
@@ -339,14 +513,13 @@ def cmd_slices(args: argparse.Namespace) -> int:
         },
     }
     atomic_write_text(json.dumps(summary, indent=2), out / "summary.json")
-    shown = frame[["slice", "size", "accuracy", "n_errors", "top_label", "top_prediction"]]
-    print(shown.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    print(f"wrote {out / 'slices.csv'} and {out / 'summary.json'}; render with: {PROG} report {out}")
-    return 0
 
 
 # ---------------------------------------------------------------- opponents
 def cmd_opponents(args: argparse.Namespace) -> int:
+    check_int(args.k, "--k", 1)
+    if args.out is not None:
+        check_output_path(args.out, "--out")
     emb = load_embeddings(args.embeddings, need_train=True)
     table_path = Path(args.slices)
     if table_path.is_dir():
@@ -357,12 +530,10 @@ def cmd_opponents(args: argparse.Namespace) -> int:
     match = table[table["slice"].astype(str) == str(args.slice)]
     if match.empty:
         raise InputError(f"no slice {args.slice!r} in {table_path}; slices: {table['slice'].tolist()}")
-    members = np.asarray(match.iloc[0]["members"], dtype=np.int64)
     test = emb["test_embeddings"]
-    if members.size == 0 or members.max() >= test.shape[0]:
-        raise InputError(
-            f"slice {args.slice} members do not index the {test.shape[0]} test embeddings of {args.embeddings}"
-        )
+    members = check_indices(match.iloc[0]["members"], f"{table_path}: slice {args.slice} members", test.shape[0])
+    if members.size == 0:
+        raise InputError(f"{table_path}: slice {args.slice} has no members")
     find = slice_proponents if args.proponents else slice_opponents
     indices, scores = find(emb["train_embeddings"], test[members], k=args.k)
     result = pd.DataFrame({"rank": np.arange(1, len(indices) + 1), "train_index": indices, "influence": scores})
@@ -380,7 +551,10 @@ def cmd_opponents(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
+    if not Path(args.results_dir).is_dir():
+        raise InputError(f"RESULTS_DIR {args.results_dir} is not a directory")
     if args.out is not None:
+        check_output_path(args.out, "--out")
         directories = experiment_dirs(args.results_dir)
         if len(directories) != 1:
             raise InputError(
@@ -449,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--factors", metavar="FILE",
                        help="also save the fitted factors (InfluenceEmbedder.save) to embed more data later")
     embed.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the embeddings")
+    embed.add_argument("--no-cache", action="store_true",
+                       help="neither reuse nor store the fitted factors in the cache (INFEMBED_CACHE); by default a "
+                       "rerun on the same model, data and options skips the fit, e.g. after an interrupt")
     embed.add_argument("--quiet", action="store_true", help="no progress bars")
     embed.set_defaults(run=cmd_embed)
 
@@ -524,13 +701,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command. Exit status: 0 done; 2 a bad input or an anticipated failure (one
+    line ``infembed COMMAND: error: ...`` on stderr); 130 interrupted (Ctrl-C); 1 an
+    internal error (one line; ``INFEMBED_DEBUG=1`` shows the traceback). Every file is
+    written atomically, so a failure or an interrupt leaves nothing half-written."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    prefix = f"{PROG} {args.command}"
     try:
         return args.run(args)
     except InputError as exc:
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prefix}: interrupted; nothing was half-written, and a rerun reuses what was cached", file=sys.stderr)
+        return 130
+    except OSError as exc:  # the environment: disk full, permissions, a vanished file
+        if debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{prefix}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug of ours: say so in one line, and how to see the traceback
+        if debug:
+            raise
+        print(f"{prefix}: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"(please report it; {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

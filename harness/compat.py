@@ -25,6 +25,12 @@ through the ``dcbench`` package. Install them without their (stale) pins::
 
 None changes what today's libraries do for other callers; the restored aliases simply
 exist afterwards.
+
+dcbench and meerkat read their files with pickle (``torch.load``, ``dill``, yaml's
+FullLoader): a downloaded problem could run code. :func:`load_dcbench_yaml`,
+:func:`load_dcbench_model_file` and :func:`load_dcbench_panel` read the same files
+without unpickling anything; a file that truly needs pickle is refused unless
+``INFEMBED_TRUST_PICKLE=1`` says its source is trusted.
 """
 
 from __future__ import annotations
@@ -211,3 +217,170 @@ def legacy_stack_available(name: str) -> bool:
     except LegacyStackUnavailable:
         return False
     return True
+
+
+# ---------------------------------------------------------------- dcbench's files, without pickle
+# dcbench reads problems.yaml with yaml's FullLoader and model artifacts with plain torch.load
+# (pickle): a downloaded file could run code. These two loaders build only what the files
+# legitimately hold; where an old artifact truly needs pickle, TRUST_PICKLE_ENV=1 opts in.
+TRUST_PICKLE_ENV = "INFEMBED_TRUST_PICKLE"
+
+
+def _dcbench_class(suffix: str, allowed: tuple[type, ...]) -> type | None:
+    """The class named ``module.Name`` if it is one of dcbench's ``allowed`` kinds, else None.
+    Only dcbench's own (installed) modules are imported to find it."""
+    module_name, _, attribute = suffix.rpartition(".")
+    module = sys.modules.get(module_name)
+    if module is None and module_name.split(".")[0] == "dcbench":
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            return None
+    found = getattr(module, attribute, None) if module is not None else None
+    return found if isinstance(found, type) and issubclass(found, allowed) else None
+
+
+def load_dcbench_yaml(stream) -> object:
+    """dcbench's ``problems.yaml`` through ``yaml.SafeLoader``, extended by dcbench's two tags
+    (``!ArtifactContainer``, ``!Artifact``) and by ``!!python/name:`` restricted to dcbench's
+    artifact and container classes: no other Python object can be named or built."""
+    import yaml
+
+    from harness.errors import InputError
+
+    import_dcbench()
+    from dcbench.common.artifact import Artifact, ArtifactContainer
+
+    class DcbenchSafeLoader(yaml.SafeLoader):
+        pass
+
+    def python_name(loader, suffix: str, node):
+        found = _dcbench_class(suffix, (Artifact, ArtifactContainer))
+        if found is None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"refusing to build the Python object {suffix!r} (not a dcbench artifact class)",
+                node.start_mark,
+            )
+        return found
+
+    DcbenchSafeLoader.add_multi_constructor("tag:yaml.org,2002:python/name:", python_name)
+    DcbenchSafeLoader.add_constructor("!ArtifactContainer", ArtifactContainer.from_yaml)
+    DcbenchSafeLoader.add_constructor("!Artifact", Artifact.from_yaml)
+    try:
+        return yaml.load(stream, Loader=DcbenchSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise InputError(f"{getattr(stream, 'name', 'dcbench YAML')} is not a dcbench problems file: {exc}") from exc
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
+
+
+def load_dcbench_model_file(path) -> dict:
+    """A dcbench model artifact (``{"class", "config", "state_dict"}``) with
+    ``torch.load(weights_only=True)``: the ``class`` entry may only name a subclass of
+    dcbench's ``Model`` already defined in this process (so the file runs no code of its
+    own). A file needing anything else is refused unless ``INFEMBED_TRUST_PICKLE=1``."""
+    import os
+    import pickle
+
+    import torch
+
+    from harness.errors import InputError
+
+    dcbench = import_dcbench()
+    model_class = dcbench.common.modeling.Model
+    try:
+        with torch.serialization.safe_globals([model_class, *_subclasses(model_class)]):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if os.environ.get(TRUST_PICKLE_ENV) != "1":
+            raise InputError(
+                f"{path} holds pickled Python objects other than a dcbench model class and tensors; unpickling them "
+                f"can run arbitrary code. Only if you trust where the file came from, set {TRUST_PICKLE_ENV}=1 "
+                "to load it with pickle"
+            ) from exc
+        saved = torch.load(path, map_location="cpu", weights_only=False)  # explicitly trusted by the user
+    if not isinstance(saved, dict) or not {"class", "config", "state_dict"} <= saved.keys():
+        raise InputError(f"{path} is not a dcbench model artifact (a dict with class, config and state_dict)")
+    if not (isinstance(saved["class"], type) and issubclass(saved["class"], model_class)):
+        raise InputError(f"{path}: 'class' is {saved['class']!r}, not a dcbench Model class")
+    return saved
+
+
+_PANEL_COLUMNS = {"meerkat.columns.numpy_column.NumpyArrayColumn", "meerkat.columns.tensor_column.TensorColumn"}
+_PANEL_BLOCKS = {"meerkat.block.numpy_block.NumpyBlock": "data.npy", "meerkat.block.tensor_block.TensorBlock": "data.pt"}
+
+
+def _read_panel_yaml(path: Path) -> dict:
+    """A meerkat ``meta.yaml`` with ``!!python/name:X`` read as the string ``X``: nothing imported or built."""
+    import yaml
+
+    class NamesAsText(yaml.SafeLoader):
+        pass
+
+    NamesAsText.add_multi_constructor("tag:yaml.org,2002:python/name:", lambda loader, suffix, node: suffix)
+    with open(path) as handle:
+        meta = yaml.load(handle, Loader=NamesAsText)  # noqa: S506 - a SafeLoader subclass
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a mapping")
+    return meta
+
+
+def _read_panel_columns(folder: Path) -> dict:
+    """The columns of a meerkat 0.2.5 DataPanel folder (``*.mk``) as arrays, read without
+    pickle: numpy blocks with ``allow_pickle=False``, tensor blocks with ``weights_only=True``."""
+    import numpy as np
+    import torch
+
+    meta = _read_panel_yaml(folder / "mgr" / "meta.yaml")
+    blocks: dict[str, object] = {}
+    columns = {}
+    for name in meta.get("_column_order") or list(meta["columns"]):
+        column = meta["columns"][name]
+        if column.get("dtype") not in _PANEL_COLUMNS or "block" not in column:
+            raise TypeError(f"column {name!r} is stored as {column.get('dtype')}, which is read only with pickle")
+        block_dir = folder / "mgr" / column["block"]["block_dir"]
+        if block_dir.resolve().parent != (folder / "mgr" / "blocks").resolve():
+            raise ValueError(f"column {name!r} points outside the panel: {column['block']['block_dir']}")
+        if block_dir not in blocks:
+            kind = _read_panel_yaml(block_dir / "meta.yaml").get("klass")
+            if kind not in _PANEL_BLOCKS:
+                raise TypeError(f"block {block_dir.name} is a {kind}, which is read only with pickle")
+            data_path = block_dir / _PANEL_BLOCKS[kind]
+            blocks[block_dir] = (np.load(data_path, allow_pickle=False) if data_path.suffix == ".npy"
+                                 else torch.load(data_path, map_location="cpu", weights_only=True))
+        index = column["block"]["block_index"]
+        if isinstance(index, dict):
+            index = slice(index["start"], index["stop"], index["step"])
+        elif not isinstance(index, int) or isinstance(index, bool):
+            raise ValueError(f"column {name!r} has block index {index!r}")
+        columns[name] = blocks[block_dir][:, index]
+    return columns
+
+
+def load_dcbench_panel(artifact) -> object:
+    """A dcbench DataPanel artifact (``val_predictions``, ``activations``, ...) as a meerkat
+    ``DataPanel`` rebuilt from its arrays. meerkat's own ``DataPanel.read`` unpickles the
+    folder's ``state.dill`` files and numpy blocks; this reader never does. A panel that
+    holds other column types is refused unless ``INFEMBED_TRUST_PICKLE=1``."""
+    import os
+
+    from harness.errors import InputError
+
+    import_dcbench()
+    import meerkat as mk
+
+    folder = Path(artifact.local_path)
+    try:
+        return mk.DataPanel(_read_panel_columns(folder))
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, ImportError) as exc:
+        if os.environ.get(TRUST_PICKLE_ENV) != "1":
+            raise InputError(
+                f"{folder} cannot be read without unpickling ({exc}); unpickling can run arbitrary code. Only if you "
+                f"trust where the file came from, set {TRUST_PICKLE_ENV}=1 to read it with meerkat's own loader"
+            ) from exc
+        return artifact.load()  # explicitly trusted by the user

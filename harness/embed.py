@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -36,8 +36,21 @@ from harness.hessian import (
     select_parameters,
     top_eigenpairs,
 )
-from harness.io import atomic_torch_save
+from harness.io import atomic_torch_save, check_output_path, load_torch_file
 from harness.task import ClassificationTask, Task
+from harness.validation import (
+    check_bool,
+    check_choice,
+    check_device,
+    check_factors_state,
+    check_float,
+    check_int,
+    check_layers,
+    check_loader,
+    check_loader_order,
+    check_optional_int,
+    check_seed,
+)
 
 FACTORS_FORMAT = "harness.influence-factors/1"
 
@@ -97,6 +110,35 @@ class InfluenceEmbedder:
         Examples per vmap chunk when computing per-example gradients (bounds memory).
     progress : bool
         Show tqdm progress bars.
+
+    Raises
+    ------
+    InputError
+        The constructor rejects: a ``model`` that is not an ``nn.Module``; a ``task`` that
+        is not a :class:`harness.Task`; ``arnoldi_dim``, ``embedding_dim`` that are not
+        integers >= 1 (``True``, ``10.0``, ``"5"`` included) or ``embedding_dim >
+        arnoldi_dim``; a ``seed`` outside the integers 0..2**32-1 (``"abc"``, ``1.7``,
+        ``-1``); ``damping`` not finite or < 0; ``eigenvalue_rtol`` / ``breakdown_tol``
+        not finite or outside [0, 1); ``hessian_reduction`` other than "mean"/"sum";
+        ``chunk_size`` < 1; a non-bool ``progress``; a ``device`` / ``basis_device`` that
+        is not a device name or does not exist here (``"cuda"`` without a GPU); ``layers``
+        that are not names or select no trainable parameter.
+        :meth:`fit` and :meth:`transform` reject: a loader that is not an iterable of
+        batches, and for :meth:`fit` one that cannot be passed over repeatedly (a
+        generator or iterator); an empty loader; batches that are not
+        ``(inputs, targets)`` for the task; targets that are not 1-D integer class indices
+        in range or do not match the inputs in length; inputs the model cannot run on
+        (wrong width or dtype); non-finite gradients or embeddings. :meth:`transform` and
+        :meth:`gradients` reject a shuffling loader (``shuffle=True``, random samplers).
+        :meth:`load` rejects: a missing file; a file that is not a torch zip, or that
+        names any Python object (it is read with ``weights_only=True``: nothing in it
+        runs); another format tag; missing fields, unknown config keys, config values the
+        constructor rejects; factors, eigenvalues, residuals or spectrum that are not
+        finite floating tensors of matching shapes; eigenvalues <= 0; a model whose
+        selected parameters differ in name or shape; keyword arguments that the file fixes
+        (``layers`` and the :class:`FactorConfig` fields).
+        :meth:`save` rejects a target that is a directory, symlink or device, or in a
+        folder where no file can be created (see :func:`harness.io.atomic_path`).
     """
 
     def __init__(
@@ -119,28 +161,27 @@ class InfluenceEmbedder:
     ):
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        for name, value in (("arnoldi_dim", arnoldi_dim), ("embedding_dim", embedding_dim)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise InputError(f"{name} must be a positive integer; got {value!r}")
-        if embedding_dim > arnoldi_dim:
+        if task is not None and not isinstance(task, Task):
+            raise InputError(f"task must be a harness.Task; got {type(task).__name__}")
+        self.config = FactorConfig(
+            arnoldi_dim=check_int(arnoldi_dim, "arnoldi_dim", 1),
+            embedding_dim=check_int(embedding_dim, "embedding_dim", 1),
+            seed=check_seed(seed),
+            hessian_reduction=check_choice(hessian_reduction, "hessian_reduction", ("mean", "sum")),
+            eigenvalue_rtol=check_float(eigenvalue_rtol, "eigenvalue_rtol", 0.0, 1.0, include_boundaries="left"),
+            breakdown_tol=check_float(breakdown_tol, "breakdown_tol", 0.0, 1.0, include_boundaries="left"),
+            damping=check_float(damping, "damping", 0.0),
+        )
+        if self.config.embedding_dim > self.config.arnoldi_dim:
             raise InputError(
                 f"embedding_dim ({embedding_dim}) > arnoldi_dim ({arnoldi_dim}): at most P eigenpairs exist"
             )
-        if hessian_reduction not in ("mean", "sum"):
-            raise InputError(f"hessian_reduction must be 'mean' or 'sum'; got {hessian_reduction!r}")
-        if damping < 0 or eigenvalue_rtol < 0 or breakdown_tol < 0:
-            raise InputError("damping, eigenvalue_rtol and breakdown_tol must be >= 0")
+        chunk_size = check_optional_int(chunk_size, "chunk_size", 1)
+        progress = check_bool(progress, "progress")
+        device = check_device(device) if device is not None else None
+        basis_device = check_device(basis_device, "basis_device") if basis_device is not None else None
         self.model = model
-        self.layers = [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
-        self.config = FactorConfig(
-            arnoldi_dim=int(arnoldi_dim),
-            embedding_dim=int(embedding_dim),
-            seed=int(seed),
-            hessian_reduction=hessian_reduction,
-            eigenvalue_rtol=float(eigenvalue_rtol),
-            breakdown_tol=float(breakdown_tol),
-            damping=float(damping),
-        )
+        self.layers = check_layers(layers)
         self.task = task if task is not None else ClassificationTask()
         self.selection: ParameterSelection = select_parameters(model, self.layers)
         first = next(model.parameters())
@@ -187,6 +228,7 @@ class InfluenceEmbedder:
         :func:`harness.distributed.shard`); HVPs are summed over ranks, so every rank
         ends with the same factors.
         """
+        check_loader(loader, "fit", passes="P + 1 times")
         cfg = self.config
         self._loss = self._make_loss()
         with eval_mode(self.model):
@@ -254,6 +296,7 @@ class InfluenceEmbedder:
 
     def gradients(self, loader: Iterable) -> Iterable[torch.Tensor]:
         """Yields (B, |theta|) per-example gradient blocks, one per batch (for inspection)."""
+        check_loader_order(loader, "input")
         with eval_mode(self.model):
             params = {k: v.to(self.device) for k, v in self._loss.params().items()}
             for i, batch in iterate_batches(loader, self.task, self._loss, self.device, validate=True, what="input"):
@@ -269,6 +312,7 @@ class InfluenceEmbedder:
         shards concatenated in rank order.
         """
         projection = self.projection_
+        check_loader_order(loader, "transform")
         sharded = distributed.is_distributed()
         blocks = [torch.zeros(0, projection.shape[1])]
         total = len(loader) if hasattr(loader, "__len__") else None
@@ -292,7 +336,7 @@ class InfluenceEmbedder:
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the fitted factors atomically (a crash leaves no half-written file)."""
         self._check_fitted()
-        path = Path(path)
+        path = check_output_path(path, "factors file")
         state = {
             "format": FACTORS_FORMAT,
             "config": asdict(self.config),
@@ -301,8 +345,9 @@ class InfluenceEmbedder:
             "parameter_shapes": [list(s) for s in self.selection.shapes],
             "factors": self.factors_.cpu(),
             "eigenvalues": self.eigenvalues_,
-            "ritz_residuals": self.ritz_residuals_,
-            "arnoldi_spectrum": self.arnoldi_spectrum_,
+            # Tensors, not numpy arrays: the file must load with weights_only=True (no pickle).
+            "ritz_residuals": torch.as_tensor(np.asarray(self.ritz_residuals_)),
+            "arnoldi_spectrum": torch.as_tensor(np.asarray(self.arnoldi_spectrum_)),
             "arnoldi_iterations": self.arnoldi_iterations_,
             "arnoldi_breakdown": self.arnoldi_breakdown_,
             "n_fit_examples": self.n_fit_examples_,
@@ -315,18 +360,15 @@ class InfluenceEmbedder:
         """Rebuilds a fitted embedder for ``model`` from :meth:`save`'s file.
 
         ``kwargs`` (task, device, chunk_size, progress, ...) are passed to the constructor.
-        Raises ``InputError`` when the file is not ours or the model's selected
-        parameters differ in name or shape from those the factors were fitted on.
+        The file is read with ``weights_only=True`` (nothing in it can run) and every field
+        is checked; see the class docstring for what raises ``InputError``.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"no factors file at {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # torch raises many types for corrupt files
-            raise InputError(f"{path} is not a readable factors file: {exc}") from exc
-        if not isinstance(state, dict) or state.get("format") != FACTORS_FORMAT:
-            raise InputError(f"{path} is not an InfluenceEmbedder factors file ({FACTORS_FORMAT})")
+        config_fields = [f.name for f in fields(FactorConfig)]
+        clashing = sorted(set(kwargs) & {"layers", *config_fields})
+        if clashing:
+            raise InputError(f"{clashing} come from the factors file and cannot be passed to load")
+        state = load_torch_file(path, "factors file")
+        state = check_factors_state(state, str(path), FACTORS_FORMAT, config_fields)
         embedder = cls(model, layers=state["layers"], **state["config"], **kwargs)
         expected = list(zip(state["parameter_names"], state["parameter_shapes"]))
         actual = [(n, list(s)) for n, s in zip(embedder.selection.names, embedder.selection.shapes)]
@@ -335,7 +377,8 @@ class InfluenceEmbedder:
                 f"the model's selected parameters do not match the saved factors: saved {expected[:3]}..., "
                 f"model {actual[:3]}..."
             )
-        embedder.factors_ = state["factors"].to(embedder.device)
+        dtype = next(iter(embedder._loss.params().values())).dtype
+        embedder.factors_ = state["factors"].to(embedder.device, dtype)
         embedder.eigenvalues_ = state["eigenvalues"]
         embedder.ritz_residuals_ = state["ritz_residuals"]
         embedder.arnoldi_spectrum_ = state["arnoldi_spectrum"]

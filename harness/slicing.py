@@ -10,12 +10,13 @@ import pandas as pd
 from sklearn.cluster import KMeans
 
 from harness.errors import InputError
+from harness.validation import check_float, check_indices, check_int, check_numeric_array, check_seed
 
 KMEANS_N_INIT = 10
 
 
 def _as_embeddings(embeddings: np.ndarray, name: str = "embeddings") -> np.ndarray:
-    array = np.asarray(embeddings)
+    array = check_numeric_array(embeddings, name)
     if array.ndim != 2:
         raise InputError(f"{name} must be a 2-D array (examples x dimensions); got shape {array.shape}")
     if array.shape[0] == 0:
@@ -43,13 +44,17 @@ def kmeans_slices(embeddings: np.ndarray, n_slices: int, seed: int = 0) -> tuple
     Returns ``(slice_ids, distances)``: the slice of every example (0..K-1) and its
     Euclidean distance to its slice's centroid. scikit-learn's K-Means (k-means++,
     ``n_init=10`` restarts, best inertia kept) seeded by ``seed``.
+
+    Raises ``InputError`` for: embeddings that are not a non-empty finite 2-D array of real
+    numbers (strings, bools, NaN); ``n_slices`` not an integer >= 1 (``True`` included) or
+    larger than the number of examples; a ``seed`` outside the integers 0..2**32-1.
     """
     x = _as_embeddings(embeddings)
-    if not isinstance(n_slices, (int, np.integer)) or n_slices < 1:
-        raise InputError(f"n_slices must be a positive integer; got {n_slices!r}")
+    n_slices = check_int(n_slices, "n_slices", 1)
+    seed = check_seed(seed)
     if n_slices > x.shape[0]:
         raise InputError(f"n_slices ({n_slices}) > number of examples ({x.shape[0]})")
-    km = _kmeans(x, int(n_slices), seed)
+    km = _kmeans(x, n_slices, seed)
     distances = np.linalg.norm(x - km.cluster_centers_[km.labels_], axis=1)
     return km.labels_.astype(np.int64), distances
 
@@ -99,6 +104,11 @@ def rule_slices(
     the rule is dropped instead of split. Returns ``(slices, tree)``: the index arrays
     (sorted, in tree order) and the root :class:`RuleNode`. K-Means at every node uses
     ``seed``, so the same inputs and seed give the same slices.
+
+    Raises ``InputError`` for: embeddings as in :func:`kmeans_slices`; ``correct`` not of
+    the embeddings' length or not boolean/0-1; ``max_accuracy`` not a finite number in
+    [0, 1] (``"0.5"`` included); ``min_size`` < 1, ``branching`` < 2, ``max_depth`` < 0 or
+    any of them not an integer; a bad ``seed``.
     """
     x = _as_embeddings(embeddings)
     correct = _check_length(correct, x.shape[0], "correct")
@@ -106,14 +116,11 @@ def rule_slices(
         if not np.isin(correct, (0, 1)).all():
             raise InputError("correct must be boolean (or 0/1): whether each prediction is right")
         correct = correct.astype(bool)
-    if not 0.0 <= max_accuracy <= 1.0:
-        raise InputError(f"max_accuracy must be in [0, 1]; got {max_accuracy}")
-    if not isinstance(min_size, (int, np.integer)) or min_size < 1:
-        raise InputError(f"min_size must be a positive integer; got {min_size!r}")
-    if not isinstance(branching, (int, np.integer)) or branching < 2:
-        raise InputError(f"branching must be an integer >= 2; got {branching!r}")
-    if not isinstance(max_depth, (int, np.integer)) or max_depth < 0:
-        raise InputError(f"max_depth must be a non-negative integer; got {max_depth!r}")
+    max_accuracy = check_float(max_accuracy, "max_accuracy", 0.0, 1.0)
+    min_size = check_int(min_size, "min_size", 1)
+    branching = check_int(branching, "branching", 2)
+    max_depth = check_int(max_depth, "max_depth", 0)
+    seed = check_seed(seed)
 
     slices: list[np.ndarray] = []
 
@@ -145,7 +152,10 @@ def rule_slices(
 
 # ---------------------------------------------------------------- opponents / proponents
 def slice_influence(train_embeddings: np.ndarray, slice_embeddings: np.ndarray) -> np.ndarray:
-    """Influence of every training example on the slice's total loss: mu(z')^T sum_i mu(z_i)."""
+    """Influence of every training example on the slice's total loss: mu(z')^T sum_i mu(z_i).
+
+    Raises ``InputError`` when either array is not a non-empty finite 2-D array of real
+    numbers or their widths differ."""
     train = _as_embeddings(train_embeddings, "train_embeddings")
     members = _as_embeddings(slice_embeddings, "slice_embeddings")
     if train.shape[1] != members.shape[1]:
@@ -157,9 +167,7 @@ def slice_influence(train_embeddings: np.ndarray, slice_embeddings: np.ndarray) 
 
 
 def _top(scores: np.ndarray, k: int, most_negative: bool) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise InputError(f"k must be a positive integer; got {k!r}")
-    k = min(int(k), scores.shape[0])
+    k = min(check_int(k, "k", 1), scores.shape[0])
     keyed = scores if most_negative else -scores
     order = np.lexsort((np.arange(scores.shape[0]), keyed))[:k]  # ties broken by index: deterministic
     return order, scores[order]
@@ -171,7 +179,8 @@ def slice_opponents(
     """The ``k`` training examples most harmful to the slice (paper, C.6).
 
     Returns ``(indices, scores)`` into ``train_embeddings``, most negative influence on the
-    slice's total loss first.
+    slice's total loss first. Raises ``InputError`` as :func:`slice_influence`, and when
+    ``k`` is not an integer >= 1.
     """
     return _top(slice_influence(train_embeddings, slice_embeddings), k, most_negative=True)
 
@@ -179,7 +188,8 @@ def slice_opponents(
 def slice_proponents(
     train_embeddings: np.ndarray, slice_embeddings: np.ndarray, k: int = 10
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` training examples most helpful to the slice: most positive influence first."""
+    """The ``k`` training examples most helpful to the slice: most positive influence first.
+    Rejects what :func:`slice_opponents` rejects."""
     return _top(slice_influence(train_embeddings, slice_embeddings), k, most_negative=False)
 
 
@@ -188,14 +198,18 @@ def as_slice_list(slices: np.ndarray | Sequence[np.ndarray], n_examples: int) ->
     """Index arrays from either a slice id per example or a list of index arrays."""
     if isinstance(slices, np.ndarray) and slices.ndim == 1 and slices.dtype != object:
         ids = _check_length(slices, n_examples, "slice ids")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"slice ids must be integers (one per example); got dtype {ids.dtype}")
         return [np.flatnonzero(ids == s) for s in np.unique(ids[ids >= 0])]
-    out = []
-    for members in slices:
-        members = np.asarray(members, dtype=np.int64)
-        if members.size and (members.min() < 0 or members.max() >= n_examples):
-            raise InputError(f"slice indices out of range for {n_examples} examples")
-        out.append(members)
-    return out
+    if isinstance(slices, (str, bytes)) or not isinstance(slices, (Sequence, np.ndarray)):
+        raise InputError(f"slices must be slice ids or a list of index arrays; got {type(slices).__name__}")
+    return [check_indices(members, f"slice {i} indices", n_examples) for i, members in enumerate(slices)]
+
+
+def _check_class_indices(values: np.ndarray, name: str) -> np.ndarray:
+    if not np.issubdtype(values.dtype, np.integer) or (values.size and values.min() < 0):
+        raise InputError(f"with class_names, {name} must be non-negative integer class indices; got dtype {values.dtype}")
+    return values
 
 
 def _distribution(values: np.ndarray, names: Sequence[str] | None) -> dict:
@@ -220,11 +234,26 @@ def summarize_slices(
 
     ``slices`` is a slice id per example (as from :func:`kmeans_slices`; negative ids are
     ignored) or a list of index arrays (as from :func:`rule_slices`).
+
+    Raises ``InputError`` for: embeddings as in :func:`kmeans_slices`; labels, predictions
+    or slice ids not 1-D of the embeddings' length; slice ids that are not integers; index
+    arrays that are not flat lists of distinct integer indices in range (``1.7``, ``"3"``,
+    ``True`` and nested lists included); ``n_nearest`` not an integer >= 1; ``class_names`` that
+    is not a sequence of names or has fewer names than the classes the labels and
+    predictions reach (which must then be non-negative integers).
     """
     x = _as_embeddings(embeddings)
     n = x.shape[0]
     labels = _check_length(labels, n, "labels")
     predictions = _check_length(predictions, n, "predictions")
+    n_nearest = check_int(n_nearest, "n_nearest", 1)
+    if class_names is not None:
+        labels, predictions = _check_class_indices(labels, "labels"), _check_class_indices(predictions, "predictions")
+        if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence):
+            raise InputError(f"class_names must be a sequence of names; got {type(class_names).__name__}")
+        span = int(max(labels.max(), predictions.max()))
+        if span >= len(class_names):
+            raise InputError(f"class_names has {len(class_names)} names but labels/predictions reach class {span}")
     rows = []
     for slice_id, members in enumerate(as_slice_list(slices, n)):
         if members.size == 0:

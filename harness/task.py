@@ -80,8 +80,7 @@ class ClassificationTask(Task):
     def validate(self, model: ModelFn, batch: Any) -> None:
         inputs, targets = batch
         _check_targets(targets, _first_dim(inputs))
-        with torch.no_grad():
-            logits = model(inputs)
+        logits = _checked_forward(model, (inputs,), {})
         _check_class_range(targets, logits)
 
 
@@ -122,9 +121,24 @@ class HuggingFaceClassificationTask(Task):
         lengths = {k: _first_dim(v) for k, v in inputs.items()}
         if len(set(lengths.values())) > 1:
             raise InputError(f"batch tensors disagree on the number of examples: {lengths}")
-        with torch.no_grad():
-            out = model(**inputs)
+        out = _checked_forward(model, (), inputs)
         _check_class_range(targets, out.logits if hasattr(out, "logits") else out)
+
+
+def _describe(x: Any) -> str:
+    return f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+
+
+def _checked_forward(model: ModelFn, args: tuple, kwargs: dict) -> Any:
+    """The model's output on a validation batch; ``InputError`` when the model cannot run on
+    it (inputs of the wrong width or dtype for its layers), naming what the batch holds."""
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        given = ", ".join([_describe(a) for a in args] + [f"{k}={_describe(v)}" for k, v in kwargs.items()])
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"the model cannot run on the batch ({given}): {reason}") from exc
 
 
 def _first_dim(x: Any) -> int:

@@ -126,7 +126,7 @@ def _data(n=20, nan=False, bad_target=False, mismatch=False):
         (lambda: InfluenceEmbedder(_net(), layers=[]), "no trainable parameter selected"),
         (lambda: InfluenceEmbedder(_net().requires_grad_(False)), "no trainable parameter selected"),
         (lambda: InfluenceEmbedder(_net(), arnoldi_dim=10, embedding_dim=20), r"embedding_dim \(20\) > arnoldi_dim"),
-        (lambda: InfluenceEmbedder(_net(), arnoldi_dim=0), "arnoldi_dim must be a positive integer"),
+        (lambda: InfluenceEmbedder(_net(), arnoldi_dim=0), "arnoldi_dim must be >= 1"),
         (lambda: InfluenceEmbedder(_net(), hessian_reduction="max"), "hessian_reduction"),
         (lambda: InfluenceEmbedder("not a model"), "torch.nn.Module"),
     ],

@@ -41,14 +41,13 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from harness.baselines import ConfusionSlicer, DominoSlicer, KMeansSlicer
 from harness.benchmark.metrics import slice_metrics
-from harness.compat import import_dcbench
+from harness.compat import import_dcbench, load_dcbench_model_file, load_dcbench_panel, load_dcbench_yaml
 from harness.embed import InfluenceEmbedder
 from harness.errors import InputError
 
@@ -136,8 +135,7 @@ def _problems(config, remote_base: str, progress: bool) -> dict[str, Any]:
     if not local.is_file():
         _download(f"{remote_base}/{PROBLEMS_PATH}", local, extract=False, progress=progress)
     with open(local) as handle:
-        # dcbench's own loader: the YAML names dcbench's classes (safe only for trusted mirrors).
-        containers = yaml.load(handle, Loader=yaml.FullLoader)
+        containers = load_dcbench_yaml(handle)
     return {container.id: container for container in containers}
 
 
@@ -207,7 +205,7 @@ def _load_model(artifact) -> nn.Module:
     weights by default (the artifact pickles its class), and the class re-downloads ImageNet
     weights when built (``pretrained``), which the saved state dict overwrites anyway."""
     try:
-        saved = torch.load(artifact.local_path, map_location="cpu", weights_only=False)
+        saved = load_dcbench_model_file(artifact.local_path)
         config = dict(saved["config"])
         if "pretrained" in config:
             config["pretrained"] = False
@@ -255,7 +253,7 @@ def load_problem(problem_id: str, *, remote_url: str | None = None, local_dir: s
             raise InputError(f"dcbench problem {problem_id!r} lacks the artifacts {missing}")
         for name in tqdm(ARTIFACT_NAMES, desc="dcbench artifacts", disable=not progress, leave=False):
             _ensure_artifact(problem.artifacts[name], base, progress)
-        panels = {name: problem.artifacts[name].load() for name in ARTIFACT_NAMES if name != "model"}
+        panels = {name: load_dcbench_panel(problem.artifacts[name]) for name in ARTIFACT_NAMES if name != "model"}
         model = _load_model(problem.artifacts["model"])
 
     head = final_linear_layer(model)
@@ -434,7 +432,7 @@ def write_problem(
         existing = []
         if path.is_file():
             with open(path) as handle:
-                existing = [p for p in yaml.load(handle, Loader=yaml.FullLoader) if p.id != problem_id]
+                existing = [p for p in load_dcbench_yaml(handle) if p.id != problem_id]
         dcbench.slice_discovery_task.write_problems(existing + [problem])
     return Path(local_dir)
 

@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 from harness.errors import InputError
+from harness.io import load_torch_file
 from harness.models import TrunkHead
 
 # Order of a torchvision ResNet's forward pass after the stem (conv1, bn1, relu, maxpool).
@@ -53,10 +54,10 @@ def imagenet_resnet(arch: str = "resnet18", weights_file: str | os.PathLike | No
             f"{os.path.basename(imagenet_weights(arch).url)} in {Path(torch.hub.get_dir()) / 'checkpoints'}"
         )
     model = resnet(arch, 1000)
+    state = load_torch_file(path, f"{arch} ImageNet state dict")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except Exception as exc:  # torch raises several types for bad files / mismatched keys
+    except (RuntimeError, TypeError, AttributeError) as exc:  # not a dict, or keys/shapes of another model
         raise InputError(f"{path} is not a {arch} ImageNet state dict: {exc}") from exc
     return model.eval(), list(imagenet_weights(arch).meta["categories"])
 

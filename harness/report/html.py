@@ -72,6 +72,7 @@ from harness.errors import InputError
 from harness.io import atomic_write_text
 
 SUMMARY_FILE = "summary.json"
+MAX_CELL_CHARS = 10_000_000  # a cell listing every member of a slice of millions still fits
 REPORT_FILE = "report.html"
 INDEX_FILE = "index.html"
 SLICE_TABLE_GLOB = "slices*.csv"
@@ -262,7 +263,7 @@ def read_summary(directory: Path) -> dict:
         )
     try:
         summary = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(summary, dict):
         raise InputError(f"{path} must hold a JSON object; got {type(summary).__name__}")
@@ -314,13 +315,17 @@ def parse_cell(value: Any, column: str, where: str) -> Any:
     text = str(value).strip()
     if text == "":
         return None
+    if len(text) > MAX_CELL_CHARS:
+        raise InputError(f"{where}: column {column!r} holds {len(text)} characters (at most {MAX_CELL_CHARS})")
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         pass
+    except RecursionError as exc:
+        raise InputError(f"{where}: column {column!r} is nested too deeply: {text[:40]!r}...") from exc
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError) as exc:
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
         raise InputError(f"{where}: column {column!r} is neither JSON nor a Python literal: {text[:80]!r}") from exc
 
 
