@@ -116,8 +116,8 @@ class InfluenceEmbedder:
         Krylov directions whose HVPs share one pass over the fit data (vmap over the
         tangents, the primal computed once per batch); the total number of HVPs stays P.
         1 is plain Arnoldi. A block space of the same P converges more slowly, so "auto"
-        uses blocks only when P >= 5 D, then as many directions as leave >= 8 passes and
-        fit a quarter of the device's memory (at most 8); ``block_size_`` says which.
+        takes at most P / (2 D) - 1 directions (1 at the paper's P = 5 D), at most 8, and
+        as many as fit a quarter of the device's memory; ``block_size_`` says which.
         Different block sizes span different Krylov spaces: pass an int for factors that
         must not depend on the machine.
     float64_basis : bool

@@ -266,14 +266,13 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
 
 
 # ---------------------------------------------------------------- Arnoldi
-MAX_BLOCK_SIZE = 8  # beyond ~8 tangents per pass the per-HVP saving flattens while memory keeps growing
 # At the same P a block Krylov space has polynomial degree P / b instead of P, so it
-# converges more slowly. Measured in float64 against the explicit Hessian (a 1,042-parameter
-# MLP; tests/test_block_krylov.py): at P = 5 D every block size up to 8 reproduces the
-# top-D influence (r = 1.000000); at P = 3.3 D, b = 8 gives r = 0.9964 and at P = 4 D, b = 2
-# already loses accuracy. So blocks are used only when P >= 5 D, with >= 8 passes.
-MIN_ITERATIONS_PER_COMPONENT = 5
-MIN_PASSES = 8
+# converges more slowly. Measured in float64 against explicit Hessians (MLPs of 442 and
+# 1,042 parameters on digits; tests/test_block_krylov.py), top-D influence r vs the exact:
+# P = 8 D: b <= 4 gives r = 1.0000000, b = 8 0.99999; P = 5 D: b = 2 0.9999998, b = 4
+# 0.9995, b = 8 0.989; P = 4 D: b = 2 0.99918 where b = 1 gives 0.999999. Hence
+# b <= P / (2 D) - 1: blocks pay only when P is many times D.
+MAX_BLOCK_SIZE = 8  # beyond ~8 tangents per pass the per-HVP saving flattens while memory keeps growing
 
 
 @contextlib.contextmanager
@@ -289,18 +288,19 @@ def full_precision() -> Iterator[None]:
 
 
 def automatic_block_size(per_direction_bytes: int, n_iterations: int, n_components: int, device: torch.device) -> int:
-    """Directions per HVP pass: 1 unless P >= 5 D (see :data:`MIN_ITERATIONS_PER_COMPONENT`);
-    then as many as leave >= 8 passes and fit a quarter of the device's *total* memory
+    """Directions per HVP pass: at most P / (2 D) - 1 (convergence, see above) and
+    :data:`MAX_BLOCK_SIZE`, and as many as fit a quarter of the device's *total* memory
     (total, not free, so the same machine always picks the same size and the same seed
-    gives the same factors), at most :data:`MAX_BLOCK_SIZE`."""
-    if n_iterations < MIN_ITERATIONS_PER_COMPONENT * n_components:
+    gives the same factors)."""
+    converging = n_iterations // (2 * n_components) - 1
+    if converging <= 1:
         return 1
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     fitting = int(total // 4 // max(per_direction_bytes, 1))
-    return max(1, min(MAX_BLOCK_SIZE, n_iterations // MIN_PASSES, fitting))
+    return max(1, min(MAX_BLOCK_SIZE, converging, fitting))
 
 
 @dataclass
