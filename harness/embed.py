@@ -12,11 +12,12 @@ of the per-example Hessians. We use the *mean* over the Hessian data by default
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from harness import distributed
 from harness.errors import InputError
 from harness.hessian import (
     FunctionalLoss,
+    move_to,
     ParameterSelection,
     arnoldi,
     automatic_block_size,
@@ -129,6 +131,12 @@ class InfluenceEmbedder:
         the logits of a cross-entropy task. "auto" picks the closed form where it
         applies, else forward mode when D is small (<= 24 with convolutions in theta,
         <= 2 otherwise), else per-example gradients; ``projection_mode_`` says which.
+    trunk : callable, optional
+        When the selected layers are a suffix of the network, say so here: ``model`` is
+        then the head that holds them, and ``trunk`` maps a model batch of the loaders
+        to the head's batch (e.g. ``lambda b: (features(b[0]), b[1])``). It runs once per
+        example, without gradients: fit keeps the N' head batches in memory for its P
+        passes, transform maps each batch as it streams.
     device : str or torch.device, optional
         Where gradients and HVPs are computed; default: the model's device.
     basis_device : str or torch.device, optional
@@ -161,6 +169,7 @@ class InfluenceEmbedder:
         block_size: int | str = "auto",
         float64_basis: bool = False,
         projection: str = "auto",
+        trunk: Callable[[Any], Any] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -183,6 +192,9 @@ class InfluenceEmbedder:
             raise InputError(f"block_size must be a positive integer or 'auto'; got {block_size!r}")
         if projection not in PROJECTIONS:
             raise InputError(f"projection must be one of {PROJECTIONS}; got {projection!r}")
+        if trunk is not None and not callable(trunk):
+            raise InputError(f"trunk must be callable (a module or a function of a batch); got {type(trunk).__name__}")
+        self.trunk = trunk
         self.model = model
         self.layers = [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
         self.config = FactorConfig(
@@ -282,6 +294,8 @@ class InfluenceEmbedder:
         cfg = self.config
         self._loss = self._make_loss()
         with eval_mode(self.model), full_precision():
+            if self.trunk is not None:
+                loader = list(self._head_batches(loader))  # the trunk once, not once per pass
             params = {k: v.to(self.device) for k, v in self._loss.params().items()}
             sharded = distributed.is_distributed()
             n_local, first = 0, None
@@ -383,6 +397,8 @@ class InfluenceEmbedder:
         """Yields (B, |theta|) per-example gradient blocks, one per batch (for inspection)."""
         with eval_mode(self.model):
             params = {k: v.to(self.device) for k, v in self._loss.params().items()}
+            if self.trunk is not None:
+                loader = self._head_batches(loader)
             for i, batch in iterate_batches(loader, self.task, self._loss, self.device, validate=True, what="input"):
                 grads = self._loss.per_example_grads(params, batch)
                 check_finite(grads, f"the per-example gradients of batch {i}")
@@ -400,6 +416,8 @@ class InfluenceEmbedder:
         blocks = [torch.zeros(0, projection.shape[1])]
         total = len(loader) if hasattr(loader, "__len__") else None
         with eval_mode(self.model), full_precision():
+            if self.trunk is not None:
+                loader = self._head_batches(loader)
             params = {k: v.to(self.device) for k, v in self._loss.params().items()}
             batches = iterate_batches(
                 loader, self.task, self._loss, self.device, validate=True, what="input", allow_empty=sharded
@@ -413,6 +431,17 @@ class InfluenceEmbedder:
                 blocks.append(block.float().cpu())
         local = torch.cat(blocks).numpy()
         return distributed.gather_rows(local)
+
+    def _head_batches(self, loader: Iterable) -> Iterator[Any]:
+        """The loader's batches mapped through ``trunk`` (no gradients, trunk in eval mode)."""
+        trunk_modules = [self.trunk] if isinstance(self.trunk, nn.Module) else []
+        for raw in loader:
+            batch = move_to(self.task.model_batch(raw), self.device)
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                for module in trunk_modules:
+                    stack.enter_context(eval_mode(module))
+                head_batch = self.trunk(batch)
+            yield head_batch
 
     def fit_transform(self, loader: Iterable) -> np.ndarray:
         return self.fit(loader).transform(loader)

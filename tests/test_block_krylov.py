@@ -21,14 +21,6 @@ from harness.task import ClassificationTask
 from conftest import _digits, explicit_gradients, explicit_hessian, train_lbfgs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def wide_mlp():
     """A 16-16-10 tanh MLP on digits (442 parameters, float64): P << |theta| is possible."""
@@ -292,3 +284,19 @@ def test_automatic_projection_picks_an_exact_path(mlp64):
     with pytest.raises(InputError, match="closed_form"):
         embedder = _fit(mlp64.model, mlp64.loader("train"), arnoldi_dim=10, embedding_dim=2, projection="closed_form")
         embedder.transform(mlp64.loader("test"))
+
+
+# ---------------------------------------------------------------- frozen trunk
+def test_trunk_argument_equals_the_full_model_with_the_suffix_selected(mlp64):
+    """trunk = the frozen first layers, model = the selected suffix: same factors and
+    embeddings as the full model with layers='2'."""
+    model = mlp64.model
+    full = _fit(model, mlp64.loader("train"), layers="2", arnoldi_dim=20, embedding_dim=6, seed=4)
+    trunk = model[:2]
+    split = _fit(model[2], mlp64.loader("train"), arnoldi_dim=20, embedding_dim=6, seed=4,
+                 trunk=lambda batch: (trunk(batch[0]), batch[1]))
+    np.testing.assert_allclose(split.eigenvalues_.numpy(), full.eigenvalues_.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(split.transform(mlp64.loader("test")), full.transform(mlp64.loader("test")),
+                               rtol=1e-6, atol=1e-9)
+    with pytest.raises(InputError, match="trunk"):
+        InfluenceEmbedder(model[2], trunk="layer3")
