@@ -28,7 +28,6 @@ from harness import distributed
 from harness.errors import InputError
 from harness.hessian import (
     FunctionalLoss,
-    move_to,
     ParameterSelection,
     arnoldi,
     automatic_block_size,
@@ -37,6 +36,7 @@ from harness.hessian import (
     eval_mode,
     full_precision,
     iterate_batches,
+    move_to,
     select_parameters,
     top_eigenpairs,
 )
@@ -77,7 +77,7 @@ class FactorConfig:
     )
     block_size: int | str = field(
         default="auto",
-        metadata={"help": "Krylov directions per HVP pass (1 = plain Arnoldi); 'auto': from the memory one needs."},
+        metadata={"help": "Krylov directions per HVP pass (1 = plain Arnoldi); 'auto': from P / D and memory."},
     )
     float64_basis: bool = field(default=False, metadata={"help": "Keep the Krylov basis in float64."})
 
