@@ -1,5 +1,7 @@
 """Fast paths for InfluenceEmbedder, each exact (same factors and embeddings as the core
-up to round-off) and each checked against the core in tests/test_fastpaths.py.
+up to round-off) and each checked against the core in tests/test_fastpaths.py and
+tests/test_block_krylov.py. The core picks the projection by itself (closed form,
+forward mode or per-example gradients); what is here needs a different model or loader.
 
 * :class:`LinearHeadEmbedder` / :class:`LinearHeadLoss`: theta = the last ``nn.Linear``
   under cross-entropy, from cached activations (:func:`capture_inputs`), in closed form.
@@ -8,10 +10,13 @@ up to round-off) and each checked against the core in tests/test_fastpaths.py.
   HVP for V = (V_W, V_b): ``u_i = V_W a_i + V_b``, ``h_i = p_i * u_i - p_i (p_i . u_i)``,
   H V = (sum_i h_i a_i^T, sum_i h_i); embedding column k = g_i^T P_k a_i (+ g_i . P_k^b),
   without forming the (B, C*H) gradient block. No autograd graph at all.
+* :class:`LinearLogitsHead`: the same closed-form projection for a last ``nn.Linear``
+  inside a full model (its inputs captured by a forward hook); ``projection="auto"``
+  uses it.
 * :class:`FastInfluenceEmbedder`: any model. ``linearized_fit`` traces each fit batch's
   primal pass once (:class:`LinearizedHessianLoss`), so the P Arnoldi passes run only
-  the tangent computation; ``projection="forward"`` embeds by forward-mode directional
-  derivatives (:func:`forward_mode_embeddings`), never materialising per-example gradients.
+  the tangent computation (blocks of them vmapped over the traced tangent map).
+  :func:`forward_mode_embeddings` is the core's forward-mode projection as a function.
 * :func:`tensor_batches` / :func:`fixed_batches`: in-memory batches sliced whole,
   instead of a DataLoader that collates example by example on every pass.
 
