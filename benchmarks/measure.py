@@ -37,9 +37,25 @@ def _rss_bytes() -> int:
 
 @dataclass
 class Stage:
-    seconds: float
-    peak_mb: float
-    result: Any = None
+    seconds: float  # median over the repetitions
+    peak_mb: float  # largest over the repetitions
+    result: Any = None  # of the last repetition
+    runs: tuple[float, ...] = ()  # every repetition's seconds
+
+
+def measure_repeated(fn: Callable[[], Any], device: torch.device, repeats: int) -> Stage:
+    """``fn`` timed ``repeats`` times: median seconds (and every run), largest peak memory."""
+    stages = [measure(fn, device) for _ in range(repeats)]
+    seconds = tuple(s.seconds for s in stages)
+    return Stage(float(np.median(seconds)), max(s.peak_mb for s in stages), stages[-1].result, seconds)
+
+
+def combined(*stages: Stage) -> Stage:
+    """Stages run one after the other (e.g. trunk features, then the head's fit): runs
+    summed repetition by repetition (a stage timed once counts in every repetition)."""
+    n = max(len(s.runs) for s in stages) or 1
+    runs = tuple(sum(s.runs[i] if len(s.runs) == n else s.seconds for s in stages) for i in range(n))
+    return Stage(float(np.median(runs)), max(s.peak_mb for s in stages), stages[-1].result, runs)
 
 
 def measure(fn: Callable[[], Any], device: torch.device) -> Stage:
@@ -53,7 +69,7 @@ def measure(fn: Callable[[], Any], device: torch.device) -> Stage:
         torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(device) - start_bytes
-        return Stage(seconds, peak / 2**20, result)
+        return Stage(seconds, peak / 2**20, result, (seconds,))
 
     _release_free_heap()
     start_bytes = _rss_bytes()
@@ -75,7 +91,7 @@ def measure(fn: Callable[[], Any], device: torch.device) -> Stage:
         done.set()
         sampler.join()
     peak[0] = max(peak[0], _rss_bytes())
-    return Stage(seconds, (peak[0] - start_bytes) / 2**20, result)
+    return Stage(seconds, (peak[0] - start_bytes) / 2**20, result, (seconds,))
 
 
 def agreement(scores: np.ndarray, reference: np.ndarray) -> dict[str, float]:

@@ -1,18 +1,23 @@
 """`make bench`: our InfluenceEmbedder against Captum's ArnoldiInfluenceFunction and
 kronfluence's EK-FAC, side by side in one process, on W1-W3 (see workloads.py).
 
-    python -m benchmarks.run [--workloads W1 W2 W3] [--device cpu|cuda] [--out results/bench]
+    python -m benchmarks.run [--workloads W1 W2 W3] [--device cpu|cuda] [--repeats 3]
+                             [--sections main scaling linear_head] [--out results/bench]
 
-For every workload, with the same model, data, P, D and seed:
+For every workload, with the same model, data, P, D and seed, each stage timed
+``--repeats`` times (median, min-max):
 
-* fit (ours: Arnoldi FactorHessian; Captum: the constructor, which runs its Arnoldi;
-  kronfluence: fit_all_factors) and transform (ours: ``transform``; Captum:
-  ``compute_intermediate_quantities``; kronfluence: pairwise scores) wall time,
-  examples/s and peak memory;
+* ours (default): ``InfluenceEmbedder(model, layers, P, D)`` on the full model, as a user
+  calls it (automatic block size and projection); ours with ``block_size=8`` forced (the
+  block speed and what it costs in accuracy at this P / D); ours with ``curvature="ggn"``;
+  ours (best): the frozen trunk run once, traced (linearized) HVPs on the head, the
+  automatic projection; Captum (the constructor runs its Arnoldi;
+  ``compute_intermediate_quantities`` embeds); kronfluence (fit_all_factors; pairwise scores);
 * agreement of the N x N influence matrices with Captum's (ours with the mean Hessian
   divided by N', the documented scale) and, on W1, with the explicit-Hessian influence;
 * the embedding pass over a plain forward+backward over the same layers and batches;
-* scaling of the fast path with N and with P.
+* the targets of issue 13, each measured value against its target;
+* scaling of the best path with N and with P (one repetition each).
 
 Captum is run with ``arnoldi_dim = P + 1`` because it discards its last Arnoldi vector:
 both methods then factor the Hessian in a P-dimensional Krylov space. Our damping is
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import warnings
 from pathlib import Path
@@ -35,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from benchmarks.measure import Stage, agreement, measure
+from benchmarks.measure import Stage, agreement, combined, measure, measure_repeated
 from benchmarks.report import write_report
 from benchmarks.workloads import SIZES, WORKLOADS, Workload
 from harness import InfluenceEmbedder
@@ -59,20 +65,32 @@ SEED = 0
 # kronfluence's EK-FAC eigendecomposes one covariance per tracked layer (4608 x 4608 for
 # layer4's convolutions): minutes on one CPU thread whatever N' is, too long for the CPU run.
 KRONFLUENCE_SKIPPED = {"cpu": {"W2"}}
+SECTIONS = ("main", "scaling", "linear_head")
 
 
-def _stage_row(stage: Stage, n_units: int) -> dict[str, float]:
-    return {"seconds": stage.seconds, "per_second": n_units / stage.seconds, "peak_mb": stage.peak_mb}
+def _stage_row(stage: Stage, n_units: int) -> dict[str, Any]:
+    runs = stage.runs or (stage.seconds,)
+    return {
+        "seconds": stage.seconds, "min_seconds": min(runs), "max_seconds": max(runs), "runs": list(runs),
+        "per_second": n_units / stage.seconds, "peak_mb": stage.peak_mb,
+    }
 
 
 # ---------------------------------------------------------------- ours
-def _ours(wl: Workload, model: nn.Module, layers, task, fit_loader, transform_loader, device, damping) -> dict:
+def _ours(wl: Workload, model: nn.Module, layers, task, fit_loader, transform_loader, device, damping,
+          repeats: int = 1, **options: Any) -> dict:
     embedder = InfluenceEmbedder(
-        model, layers, wl.sizes.arnoldi_dim, wl.sizes.embedding_dim, SEED, task=task, damping=damping, progress=False
+        model, layers, wl.sizes.arnoldi_dim, wl.sizes.embedding_dim, SEED, task=task, damping=damping, progress=False,
+        **options,
     )
-    fit = measure(lambda: embedder.fit(fit_loader), device)
-    transform = measure(lambda: embedder.transform(transform_loader), device)
-    return {"embedder": embedder, "fit": fit, "transform": transform, "embeddings": transform.result}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # unconverged trailing pairs are measured, not hidden: see r
+        fit = measure_repeated(lambda: embedder.fit(fit_loader), device, repeats)
+    transform = measure_repeated(lambda: embedder.transform(transform_loader), device, repeats)
+    return {
+        "embedder": embedder, "fit": fit, "transform": transform, "embeddings": transform.result,
+        "block_size": embedder.block_size_, "projection": embedder.projection_mode_,
+    }
 
 
 @torch.no_grad()
@@ -89,44 +107,40 @@ def _trunk_features(wl: Workload, loader: DataLoader, device: torch.device) -> T
     return TensorDataset(*(torch.cat(c) for c in columns))
 
 
-def _ours_head(wl: Workload, fit_loader, transform_loader, device, damping, linearized: bool) -> dict:
-    """Frozen trunk computed once, then the core on the selected layers only. With
-    ``linearized`` (FastInfluenceEmbedder), the fit's HVPs reuse each batch's traced primal
-    pass, and both projections are timed: per-example gradients and forward mode; the
-    faster one is this method's transform (both are reported)."""
-    arguments = (wl.head, None, wl.sizes.arnoldi_dim, wl.sizes.embedding_dim, SEED)
-    options = {"task": wl.head_task, "damping": damping, "progress": False}
-    embedder = FastInfluenceEmbedder(*arguments, **options) if linearized else InfluenceEmbedder(*arguments, **options)
+def _ours_best(wl: Workload, fit_loader, transform_loader, device, damping, repeats: int) -> dict:
+    """Frozen trunk computed once, then FastInfluenceEmbedder on the selected layers: each
+    fit batch's primal pass is traced once (linearized HVPs), the projection is automatic.
+    Both projections are also timed once, to document the automatic choice."""
+    embedder = FastInfluenceEmbedder(
+        wl.head, None, wl.sizes.arnoldi_dim, wl.sizes.embedding_dim, SEED, task=wl.head_task, damping=damping,
+        progress=False,
+    )
     batch = wl.sizes.batch_size
-    has_trunk = wl.head is not wl.model
-    if has_trunk:
-        fit_features = measure(lambda: _trunk_features(wl, fit_loader, device), device)
-        transform_features = measure(lambda: _trunk_features(wl, transform_loader, device), device)
+    if wl.head is not wl.model:
+        fit_features = measure_repeated(lambda: _trunk_features(wl, fit_loader, device), device, repeats)
+        transform_features = measure_repeated(lambda: _trunk_features(wl, transform_loader, device), device, repeats)
     else:
         fit_features = Stage(0.0, 0.0, TensorDataset(*wl.fit_set[: wl.sizes.fit]))
         transform_features = Stage(0.0, 0.0, TensorDataset(*wl.transform_set[: wl.sizes.transform]))
-    fit_head_batches = (
-        fixed_batches(fit_features.result, batch, device) if linearized else tensor_batches(fit_features.result, batch)
-    )
+    fit_head_batches = fixed_batches(fit_features.result, batch, device)
     head_loader = tensor_batches(transform_features.result, batch)
-    fit = measure(lambda: embedder.fit(fit_head_batches), device)
-    transform = measure(lambda: embedder.transform(head_loader), device)
-    projections = {"gradients": transform.seconds}
-    if linearized:
-        embedder.projection_mode = "forward"
-        forward = measure(lambda: embedder.transform(head_loader), device)
-        projections["forward"] = forward.seconds
-        if forward.seconds < transform.seconds:
-            transform = forward
-        else:
-            embedder.projection_mode = "gradients"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fit = measure_repeated(lambda: embedder.fit(fit_head_batches), device, repeats)
+    transform = measure_repeated(lambda: embedder.transform(head_loader), device, repeats)
+    chosen = embedder.projection_mode_
+    projections = {}
+    for mode in ("gradients", "forward"):
+        embedder.projection_mode = mode
+        projections[mode] = measure(lambda: embedder.transform(head_loader), device).seconds
+    embedder.projection_mode = "auto"
     return {
         "projection_seconds": projections,
+        "projection": chosen,
+        "block_size": embedder.block_size_,
         "embedder": embedder,
-        "fit": Stage(fit_features.seconds + fit.seconds, max(fit_features.peak_mb, fit.peak_mb)),
-        "transform": Stage(
-            transform_features.seconds + transform.seconds, max(transform_features.peak_mb, transform.peak_mb)
-        ),
+        "fit": combined(fit_features, fit),
+        "transform": combined(transform_features, transform),
         "head_fit": fit,
         "head_transform": transform,
         "embeddings": transform.result,
@@ -136,7 +150,7 @@ def _ours_head(wl: Workload, fit_loader, transform_loader, device, damping, line
 
 
 # ---------------------------------------------------------------- peers
-def _captum(wl: Workload, model, layers, fit_loader, transform_loader, device) -> dict:
+def _captum(wl: Workload, model, layers, fit_loader, transform_loader, device, repeats: int = 1) -> dict:
     from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
 
     checkpoint = cache_dir("bench", "captum") / f"{wl.name}.pt"
@@ -152,12 +166,12 @@ def _captum(wl: Workload, model, layers, fit_loader, transform_loader, device) -
                 arnoldi_tol=CAPTUM_ARNOLDI_TOL, hessian_reg=CAPTUM_HESSIAN_REG,
             )
 
-    fitted = measure(fit, device)
-    transform = measure(lambda: fitted.result.compute_intermediate_quantities(transform_loader), device)
+    fitted = measure_repeated(fit, device, repeats)
+    transform = measure_repeated(lambda: fitted.result.compute_intermediate_quantities(transform_loader), device, repeats)
     return {"fit": fitted, "transform": transform, "embeddings": transform.result.numpy()}
 
 
-def _kronfluence(wl: Workload, fit_set, transform_set, device) -> dict:
+def _kronfluence(wl: Workload, fit_set, transform_set, device, repeats: int = 1) -> dict:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments
     from kronfluence.task import Task as KronTask
@@ -192,12 +206,13 @@ def _kronfluence(wl: Workload, fit_set, transform_set, device) -> dict:
     )
     batch = wl.sizes.batch_size
     torch.manual_seed(SEED)
-    fit = measure(
+    fit = measure_repeated(
         lambda: analyzer.fit_all_factors(
             "ekfac", fit_set, per_device_batch_size=batch, factor_args=FactorArguments(strategy="ekfac"),
             overwrite_output_dir=True,
         ),
         device,
+        repeats,
     )
 
     def scores() -> np.ndarray:
@@ -207,7 +222,7 @@ def _kronfluence(wl: Workload, fit_set, transform_set, device) -> dict:
         )
         return analyzer.load_pairwise_scores("pairwise")["all_modules"].float().cpu().numpy()
 
-    transform = measure(scores, device)
+    transform = measure_repeated(scores, device, repeats)
     return {"fit": fit, "transform": transform, "scores": transform.result}
 
 
@@ -244,7 +259,7 @@ def _exact_influence(wl: Workload, fit_set, transform_set, damping: float) -> di
     return {"exact_top_d": top_d, "exact_pinv": full, "positive_eigenvalues": int(positive.sum())}
 
 
-def _plain_forward_backward(model: nn.Module, task, loader: DataLoader, device: torch.device) -> Stage:
+def _plain_forward_backward(model: nn.Module, task, loader: DataLoader, device: torch.device, repeats: int = 3) -> Stage:
     """A training step without the optimiser: forward + mean-loss backward per batch."""
 
     def run() -> None:
@@ -256,7 +271,7 @@ def _plain_forward_backward(model: nn.Module, task, loader: DataLoader, device: 
 
     with torch.enable_grad():
         model.eval()
-        return measure(run, device)
+        return measure_repeated(run, device, repeats)
 
 
 # ---------------------------------------------------------------- one workload
@@ -277,7 +292,15 @@ def _warm_up(wl: Workload, device: torch.device) -> None:
         ).compute_intermediate_quantities(one_batch)
 
 
-def run_workload(name: str, device: torch.device, with_kronfluence: bool) -> dict:
+# ours: the default as a user calls it, then variants that isolate one choice each
+OURS_VARIANTS = {
+    "ours": {},
+    "ours_block8": {"block_size": 8},
+    "ours_ggn": {"curvature": "ggn"},
+}
+
+
+def run_workload(name: str, device: torch.device, with_kronfluence: bool, repeats: int, sections: set[str]) -> dict:
     wl = WORKLOADS[name](SIZES[device.type][name], str(device))
     sizes = wl.sizes
     fit_loader = wl.loader(wl.fit_set, sizes.fit)
@@ -290,26 +313,27 @@ def run_workload(name: str, device: torch.device, with_kronfluence: bool) -> dic
         "parameters": wl.n_parameters,
         "accuracy": wl.accuracy,
         "sizes": vars(sizes),
+        "repeats": repeats,
         "methods": {},
         "agreement": {},
     }
     methods = out["methods"]
     _warm_up(wl, device)
-    progress = tqdm(total=6, desc=f"{name} stages", leave=False)
+    progress = tqdm(total=len(OURS_VARIANTS) + 4, desc=f"{name} stages", leave=False)
 
-    ours = _ours(wl, wl.model, wl.layers, wl.task, fit_loader, transform_loader, device, damping)
+    results: dict[str, dict] = {}
+    for method, options in OURS_VARIANTS.items():
+        results[method] = _ours(
+            wl, wl.model, wl.layers, wl.task, fit_loader, transform_loader, device, damping, repeats, **options
+        )
+        progress.update()
+    captum = results["captum"] = _captum(wl, wl.model, wl.layers, fit_loader, transform_loader, device, repeats)
     progress.update()
-    captum = _captum(wl, wl.model, wl.layers, fit_loader, transform_loader, device)
-    progress.update()
-    results = {"ours": ours, "captum": captum}
-    has_trunk = wl.head is not wl.model
-    if has_trunk:
-        results["ours_head"] = _ours_head(wl, fit_loader, transform_loader, device, damping, linearized=False)
-    results["ours_fast"] = _ours_head(wl, fit_loader, transform_loader, device, damping, linearized=True)
+    results["ours_best"] = _ours_best(wl, fit_loader, transform_loader, device, damping, repeats)
     progress.update()
     if with_kronfluence and name not in KRONFLUENCE_SKIPPED.get(device.type, set()):
         results["kronfluence"] = _kronfluence(
-            wl, _first(wl.fit_set, sizes.fit), _first(wl.transform_set, sizes.transform), device
+            wl, _first(wl.fit_set, sizes.fit), _first(wl.transform_set, sizes.transform), device, repeats
         )
     progress.update()
 
@@ -318,15 +342,20 @@ def run_workload(name: str, device: torch.device, with_kronfluence: bool) -> dic
             "fit": _stage_row(result["fit"], n_fit_passes),
             "transform": _stage_row(result["transform"], sizes.transform),
         }
+        for key in ("block_size", "projection"):
+            if key in result:
+                methods[method][key] = result[key]
     captum_influence = captum["embeddings"] @ captum["embeddings"].T
-    influences = {m: r["embeddings"] @ r["embeddings"].T / sizes.fit for m, r in results.items() if "embeddings" in r}
+    influences = {
+        m: r["embeddings"] @ r["embeddings"].T / sizes.fit for m, r in results.items() if m != "captum" and "embeddings" in r
+    }
     influences["captum"] = captum_influence
     if "kronfluence" in results:
         influences["kronfluence"] = results["kronfluence"]["scores"]
     for method, matrix in influences.items():
         if method != "captum":
             out["agreement"][f"{method} vs captum"] = agreement(matrix, captum_influence)
-    out["agreement"]["ours_fast vs ours"] = agreement(influences["ours_fast"], influences["ours"])
+    out["agreement"]["ours_best vs ours"] = agreement(influences["ours_best"], influences["ours"])
     if name == "W1":
         exact = _exact_influence(wl, _first(wl.fit_set, sizes.fit), _first(wl.transform_set, sizes.transform), damping)
         out["exact_positive_eigenvalues"] = exact["positive_eigenvalues"]
@@ -335,53 +364,77 @@ def run_workload(name: str, device: torch.device, with_kronfluence: bool) -> dic
                 out["agreement"][f"{method} vs {reference}"] = agreement(matrix, exact[reference])
 
     # how close the embedding pass is to a plain training step over the same layers and batches
-    plain_full = _plain_forward_backward(wl.model, wl.task, transform_loader, device)
-    out["plain_forward_backward"] = {"full_model_seconds": plain_full.seconds}
-    out["ratios"] = {"ours_transform / plain_fwd_bwd (full model)": ours["transform"].seconds / plain_full.seconds}
-    fast = results["ours_fast"]
-    plain_head = _plain_forward_backward(wl.head, wl.head_task, fast["head_loader"], device)
-    out["plain_forward_backward"]["head_seconds"] = plain_head.seconds
-    out["ratios"]["ours_fast head embedding (trunk excluded) / plain head fwd_bwd"] = (
-        fast["head_transform"].seconds / plain_head.seconds
-    )
-    out["ours_fast_projection_seconds"] = results["ours_fast"]["projection_seconds"]
-    out["ours_fast_projection"] = results["ours_fast"]["embedder"].projection_mode
+    plain_full = _plain_forward_backward(wl.model, wl.task, transform_loader, device, repeats)
+    best = results["ours_best"]
+    plain_head = _plain_forward_backward(wl.head, wl.head_task, best["head_loader"], device, repeats)
+    out["plain_forward_backward"] = {"full_model_seconds": plain_full.seconds, "head_seconds": plain_head.seconds}
+    out["ratios"] = {
+        "ours (default) transform / plain fwd_bwd (full model)": results["ours"]["transform"].seconds / plain_full.seconds,
+        "ours (best) head embedding (trunk excluded) / plain head fwd_bwd": best["head_transform"].seconds / plain_head.seconds,
+        "captum transform / plain fwd_bwd (full model): the ceiling of any transform speed-up that runs the model":
+            captum["transform"].seconds / plain_full.seconds,
+    }
+    out["ours_best_projection_seconds"] = best["projection_seconds"]
     for method in results:
         if method != "captum":
             for stage in ("fit", "transform"):
-                out["ratios"][f"captum / {method} {stage} time"] = (
-                    captum[stage].seconds / results[method][stage].seconds
-                )
+                out["ratios"][f"captum / {method} {stage} time"] = captum[stage].seconds / results[method][stage].seconds
+    out["targets"] = _targets(out, results)
     progress.update()
 
-    out["scaling"] = _scaling(wl, results["ours_fast"], device, damping)
-    out["linear_head"] = _linear_head(wl, fit_loader, transform_loader, device, damping)
+    if "scaling" in sections:
+        out["scaling"] = _scaling(wl, best, device, damping)
+    if "linear_head" in sections:
+        out["linear_head"] = _linear_head(wl, fit_loader, transform_loader, device, damping)
     progress.update()
     progress.close()
     return out
+
+
+def _targets(out: dict, results: dict) -> list[dict[str, Any]]:
+    """Issue 13's targets, each with the value this run measured."""
+    ratio = out["ratios"]
+    r = {m: out["agreement"][f"{m} vs captum"]["pearson"] for m in ("ours", "ours_best")}
+    captum_peak = max(results["captum"]["fit"].peak_mb, results["captum"]["transform"].peak_mb)
+    rows = [
+        ("default fit speed-up vs Captum", ratio["captum / ours fit time"], ">=", 4.0),
+        ("default transform speed-up vs Captum", ratio["captum / ours transform time"], ">=", 8.0),
+        ("best fit speed-up vs Captum", ratio["captum / ours_best fit time"], ">=", 8.0),
+        ("best transform speed-up vs Captum", ratio["captum / ours_best transform time"], ">=", 15.0),
+        ("default embedding pass / plain fwd+bwd", ratio["ours (default) transform / plain fwd_bwd (full model)"], "<=", 2.0),
+        ("best embedding pass (head) / plain head fwd+bwd",
+         ratio["ours (best) head embedding (trunk excluded) / plain head fwd_bwd"], "<=", 2.0),
+        ("default influence r vs Captum", r["ours"], ">=", 0.999),
+        ("best influence r vs Captum", r["ours_best"], ">=", 0.999),
+        ("default peak MB / Captum's", max(results["ours"]["fit"].peak_mb, results["ours"]["transform"].peak_mb)
+         / max(captum_peak, 1e-9), "<=", 1.0),
+    ]
+    return [
+        {"target": name, "measured": value, "goal": f"{op} {goal:g}", "met": bool(value >= goal if op == ">=" else value <= goal)}
+        for name, value, op, goal in rows
+    ]
 
 
 def _first(dataset: TensorDataset, n: int) -> TensorDataset:
     return TensorDataset(*dataset[:n])
 
 
-def _scaling(wl: Workload, fast: dict, device, damping) -> dict:
-    """Fit time vs P and transform time vs N of the fast path (trunk time excluded)."""
+def _scaling(wl: Workload, best: dict, device, damping) -> dict:
+    """Fit time vs P and transform time vs N of the best path (trunk time excluded)."""
     sizes = wl.sizes
     rows = {"fit_vs_P": [], "transform_vs_N": []}
     for fraction in (4, 2, 1):
         p = max(sizes.embedding_dim, sizes.arnoldi_dim // fraction)
         embedder = FastInfluenceEmbedder(
             wl.head, None, p, sizes.embedding_dim, SEED, task=wl.head_task, damping=damping, progress=False,
-            projection=fast["embedder"].projection_mode,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            stage = measure(lambda: embedder.fit(fast["fit_head_batches"]), device)
+            stage = measure(lambda: embedder.fit(best["fit_head_batches"]), device)
         rows["fit_vs_P"].append({"P": p, "seconds": stage.seconds, "peak_mb": stage.peak_mb})
     for fraction in (4, 2, 1):
         n = sizes.transform // fraction
-        loader = tensor_batches(_first(fast["head_loader"].dataset, n), sizes.batch_size)
+        loader = tensor_batches(_first(best["head_loader"].dataset, n), sizes.batch_size)
         stage = measure(lambda: embedder.transform(loader), device)
         rows["transform_vs_N"].append({"N": n, "seconds": stage.seconds, "peak_mb": stage.peak_mb})
     return rows
@@ -452,6 +505,11 @@ def main(argv: list[str] | None = None) -> None:
         help="CPU threads for torch (default 1: on a shared machine, more threads than free cores "
         "make small kernels many times slower for every method)",
     )
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of every stage (median, min-max)")
+    parser.add_argument(
+        "--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
+        help="main (always run), scaling (fit vs P, transform vs N), linear_head (theta = the last layer)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -467,14 +525,16 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(args.out)
     environment = {
         "device": str(device),
+        "load_average_before": os.getloadavg(),
+        "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     for name in args.workloads:
-        result = run_workload(name, device, with_kronfluence)
-        result["environment"] = environment
+        result = run_workload(name, device, with_kronfluence, args.repeats, set(args.sections))
+        result["environment"] = {**environment, "load_average_after": os.getloadavg()}
         atomic_write_text(json.dumps(result, indent=2) + "\n", out_dir / f"{name}_{device.type}.json")
         print(f"{name}: done")
     write_report(out_dir)

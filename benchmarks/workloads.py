@@ -46,8 +46,8 @@ class Sizes:
 SIZES = {
     "cpu": {
         "W1": Sizes(fit=1257, transform=540, arnoldi_dim=100, embedding_dim=30, batch_size=128),
-        "W2": Sizes(fit=64, transform=64, arnoldi_dim=20, embedding_dim=5, batch_size=32),
-        "W3": Sizes(fit=64, transform=64, arnoldi_dim=20, embedding_dim=5, batch_size=32),
+        "W2": Sizes(fit=32, transform=64, arnoldi_dim=20, embedding_dim=5, batch_size=32),
+        "W3": Sizes(fit=32, transform=64, arnoldi_dim=20, embedding_dim=5, batch_size=32),
     },
     "cuda": {
         "W1": Sizes(fit=1257, transform=540, arnoldi_dim=500, embedding_dim=100, batch_size=512),

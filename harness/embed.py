@@ -12,11 +12,12 @@ of the per-example Hessians. We use the *mean* over the Hessian data by default
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,10 +30,13 @@ from harness.hessian import (
     FunctionalLoss,
     ParameterSelection,
     arnoldi,
+    automatic_block_size,
     batch_length,
     check_finite,
     eval_mode,
+    full_precision,
     iterate_batches,
+    move_to,
     select_parameters,
     top_eigenpairs,
 )
@@ -53,6 +57,15 @@ from harness.validation import (
 )
 
 FACTORS_FORMAT = "harness.influence-factors/1"
+CURVATURES = ("hessian", "ggn")
+PROJECTIONS = ("auto", "gradients", "forward", "closed_form")
+# A kept eigenpair whose Ritz residual exceeds this fraction of its eigenvalue has not
+# converged: its direction (and so the embeddings) can be far from the Hessian's.
+RITZ_RESIDUAL_WARNING = 0.1
+# Forward mode costs ~one tangent forward per embedding column; per-example gradients
+# cost a backward that vmap runs well for linear layers but ~70x slower than a plain
+# backward for convolutions on CPU (measured, see results/bench): the break-even D.
+FORWARD_MODE_MAX_DIM = {"convolutional": 24, "linear": 2}
 
 
 @dataclass
@@ -71,6 +84,15 @@ class FactorConfig:
         default=1e-6, metadata={"help": "Arnoldi stops when a new direction's norm < tol * largest HVP norm."}
     )
     damping: float = field(default=0.0, metadata={"help": "Added to every kept eigenvalue (H + damping I)."})
+    curvature: str = field(
+        default="hessian",
+        metadata={"help": "'hessian' (the paper) or 'ggn' (Gauss-Newton: positive semi-definite, ~3x cheaper)."},
+    )
+    block_size: int | str = field(
+        default="auto",
+        metadata={"help": "Krylov directions per HVP pass (1 = plain Arnoldi); 'auto': from P / D and memory."},
+    )
+    float64_basis: bool = field(default=False, metadata={"help": "Keep the Krylov basis in float64."})
 
 
 class InfluenceEmbedder:
@@ -101,6 +123,33 @@ class InfluenceEmbedder:
         Hessian of the mean (default) or of the summed loss over the fit data.
     eigenvalue_rtol, breakdown_tol, damping : float
         See :class:`FactorConfig`.
+    curvature : {"hessian", "ggn"}
+        The curvature FactorHessian factors: the Hessian (default, the paper) or the
+        Gauss-Newton matrix J^T H_z J (positive semi-definite, so no negative
+        eigenvalues; about 3x cheaper per product; needs a cross-entropy task).
+    block_size : int or "auto"
+        Krylov directions whose HVPs share one pass over the fit data (vmap over the
+        tangents, the primal computed once per batch); the total number of HVPs stays P.
+        1 is plain Arnoldi. A block space of the same P converges more slowly, so "auto"
+        takes at most P / (2 D) - 1 directions (1 at the paper's P = 5 D), at most 8, and
+        as many as fit a quarter of the device's memory; ``block_size_`` says which.
+        Different block sizes span different Krylov spaces: pass an int for factors that
+        must not depend on the machine.
+    float64_basis : bool
+        Keep the P x |theta| Krylov basis (and its orthogonalisation) in float64.
+    projection : {"auto", "gradients", "forward", "closed_form"}
+        How transform computes gradients times M lambda^-1/2, all exact: per-example
+        gradients (vmap), forward-mode directional derivatives (one tangent per
+        embedding column), or the closed form when theta is a last nn.Linear producing
+        the logits of a cross-entropy task. "auto" picks the closed form where it
+        applies, else forward mode when D is small (<= 24 with convolutions in theta,
+        <= 2 otherwise), else per-example gradients; ``projection_mode_`` says which.
+    trunk : callable, optional
+        When the selected layers are a suffix of the network, say so here: ``model`` is
+        then the head that holds them, and ``trunk`` maps a model batch of the loaders
+        to the head's batch (e.g. ``lambda b: (features(b[0]), b[1])``). It runs once per
+        example, without gradients: fit keeps the N' head batches in memory for its P
+        passes, transform maps each batch as it streams.
     device : str or torch.device, optional
         Where gradients and HVPs are computed; default: the model's device.
     basis_device : str or torch.device, optional
@@ -158,6 +207,11 @@ class InfluenceEmbedder:
         basis_device: str | torch.device | None = None,
         chunk_size: int | None = None,
         progress: bool = True,
+        curvature: str = "hessian",
+        block_size: int | str = "auto",
+        float64_basis: bool = False,
+        projection: str = "auto",
+        trunk: Callable[[Any], Any] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -176,10 +230,22 @@ class InfluenceEmbedder:
             raise InputError(
                 f"embedding_dim ({embedding_dim}) > arnoldi_dim ({arnoldi_dim}): at most P eigenpairs exist"
             )
+        if block_size != "auto":
+            block_size = check_int(block_size, "block_size", 1)
+        if trunk is not None and not callable(trunk):
+            raise InputError(f"trunk must be callable (a module or a function of a batch); got {type(trunk).__name__}")
+        self.config = replace(
+            self.config,
+            curvature=check_choice(curvature, "curvature", CURVATURES),
+            block_size=block_size,
+            float64_basis=check_bool(float64_basis, "float64_basis"),
+        )
+        self.projection_mode = check_choice(projection, "projection", PROJECTIONS)
         chunk_size = check_optional_int(chunk_size, "chunk_size", 1)
         progress = check_bool(progress, "progress")
         device = check_device(device) if device is not None else None
         basis_device = check_device(basis_device, "basis_device") if basis_device is not None else None
+        self.trunk = trunk
         self.model = model
         self.layers = check_layers(layers)
         self.task = task if task is not None else ClassificationTask()
@@ -198,8 +264,41 @@ class InfluenceEmbedder:
         return FunctionalLoss(self.model, self.task, self.selection, self.chunk_size)
 
     def _project_batch(self, params: dict[str, torch.Tensor], batch: Any, projection: torch.Tensor) -> torch.Tensor:
-        """Per-example gradients of one batch times ``projection``: (B, D)."""
+        """Per-example gradients of one batch times ``projection``: (B, D), by the
+        projection :meth:`_choose_projection` picked."""
+        mode = self.projection_mode_
+        if mode == "closed_form":
+            return self._linear_logits_head.project(batch, projection)
+        if mode == "forward":
+            return self._loss.directional_derivatives(params, batch, projection, self.chunk_size)
         return self._loss.per_example_grads(params, batch) @ projection
+
+    def _choose_projection(self, params: dict[str, torch.Tensor], first_batch: Any) -> str:
+        """The exact projection ``projection`` names, or for "auto" the fastest one
+        (see the class docstring): the closed form for a last linear layer, forward mode
+        for small D, per-example gradients otherwise."""
+        from harness.fastpaths import LinearLogitsHead
+
+        requested = self.projection_mode
+        head = LinearLogitsHead.find(self.model, self.task, self.selection, self._loss, first_batch)
+        if requested == "closed_form" and head is None:
+            raise InputError(
+                'projection="closed_form" needs theta = one nn.Linear whose output is the logits of a '
+                "cross-entropy task (2-D inputs)"
+            )
+        self._linear_logits_head = head
+        if requested != "auto":
+            return requested
+        if head is not None:
+            return "closed_form"
+        convolutional = any(
+            isinstance(module, nn.modules.conv._ConvNd) and any(
+                f"{name}.{p}" in self.selection.names for p, _ in module.named_parameters(recurse=False)
+            )
+            for name, module in self.model.named_modules()
+        )
+        limit = FORWARD_MODE_MAX_DIM["convolutional" if convolutional else "linear"]
+        return "forward" if self.n_components_ <= limit else "gradients"
 
     # ------------------------------------------------------------ fitted state
     @property
@@ -219,10 +318,12 @@ class InfluenceEmbedder:
     def fit(self, loader: Iterable) -> "InfluenceEmbedder":
         """FactorHessian on the examples of ``loader`` (a re-iterable of batches).
 
-        Runs P Arnoldi iterations, each one pass of forward-over-reverse HVPs over the
-        loader, then keeps the top-D eigenpairs (M, lambda) of the restricted Hessian.
+        Runs P Arnoldi iterations in blocks of ``block_size_`` directions, each block one
+        pass of vmapped forward-over-reverse HVPs (or Gauss-Newton products) over the
+        loader, then keeps the top-D eigenpairs (M, lambda) of the restricted curvature.
         Sets ``eigenvalues_`` (D,), ``factors_`` M (|theta|, D), ``ritz_residuals_``,
-        ``arnoldi_iterations_``, ``n_fit_examples_``.
+        ``arnoldi_iterations_``, ``block_size_``, ``n_fit_examples_``. Warns when a kept
+        eigenpair's Ritz residual exceeds a tenth of its eigenvalue (increase P).
 
         Under torch.distributed each rank passes its own shard (see
         :func:`harness.distributed.shard`); HVPs are summed over ranks, so every rank
@@ -231,41 +332,54 @@ class InfluenceEmbedder:
         check_loader(loader, "fit", passes="P + 1 times")
         cfg = self.config
         self._loss = self._make_loss()
-        with eval_mode(self.model):
+        with eval_mode(self.model), full_precision():
+            if self.trunk is not None:
+                loader = list(self._head_batches(loader))  # the trunk once, not once per pass
             params = {k: v.to(self.device) for k, v in self._loss.params().items()}
             sharded = distributed.is_distributed()
-            n_local = 0
+            n_local, first = 0, None
             for _, batch in iterate_batches(
                 loader, self.task, self._loss, self.device, validate=True, what="fit", allow_empty=sharded
             ):
                 n_local += batch_length(batch)
+                first = batch if first is None else first
             n_examples = int(distributed.all_reduce_sum(torch.tensor([n_local], dtype=torch.int64, device=self.device)))
             if n_examples == 0:
                 raise InputError("empty loader: the fit loaders of all ranks yielded no batch")
             scale = 1.0 / n_examples if cfg.hessian_reduction == "mean" else 1.0
+            block_size = self._block_size(params, first)
 
-            def hessian_vector_product(vector: torch.Tensor) -> torch.Tensor:
-                total = torch.zeros_like(vector)
+            def curvature_product(vectors: torch.Tensor) -> torch.Tensor:
+                total = torch.zeros_like(vectors)
                 for _, batch in iterate_batches(
                     loader, self.task, self._loss, self.device, validate=False, what="fit", allow_empty=sharded
                 ):
-                    total += self._loss.hvp(params, batch, vector)
+                    if cfg.curvature == "ggn":
+                        total += self._loss.ggn_block(params, batch, vectors)
+                    elif len(vectors) == 1:  # plain Arnoldi: no vmap
+                        total[0] += self._loss.hvp(params, batch, vectors[0])
+                    else:
+                        total += self._loss.hvp_block(params, batch, vectors)
                 return distributed.all_reduce_sum(total) * scale
 
             generator = torch.Generator().manual_seed(cfg.seed)
             dtype = next(iter(params.values())).dtype
             result = arnoldi(
-                hessian_vector_product,
+                curvature_product,
                 self.selection.numel,
                 cfg.arnoldi_dim,
+                block_size=block_size,
                 generator=generator,
                 dtype=dtype,
                 device=self.device,
                 basis_device=self.basis_device,
+                basis_dtype=torch.float64 if cfg.float64_basis else None,
                 breakdown_tol=cfg.breakdown_tol,
                 progress=self.progress,
             )
-        values, vectors, residuals, spectrum = top_eigenpairs(result.hessenberg, cfg.embedding_dim, cfg.eigenvalue_rtol)
+        values, vectors, residuals, spectrum = top_eigenpairs(
+            result.hessenberg, cfg.embedding_dim, cfg.eigenvalue_rtol, result.deflated
+        )
         if len(values) < cfg.embedding_dim:
             warnings.warn(
                 f"kept {len(values)} of embedding_dim={cfg.embedding_dim} eigenpairs: the rest have eigenvalue "
@@ -273,16 +387,40 @@ class InfluenceEmbedder:
                 f"there, or P={result.basis.shape[0]} Arnoldi iterations found no more)",
                 stacklevel=2,
             )
+        relative = residuals / values
+        if len(values) and relative.max() > RITZ_RESIDUAL_WARNING:
+            worst = int(relative.argmax())
+            warnings.warn(
+                f"{int((relative > RITZ_RESIDUAL_WARNING).sum())} of {len(values)} kept eigenpairs have not converged: "
+                f"Ritz residual up to {relative[worst]:.2g} x its eigenvalue (pair {worst + 1}, eigenvalue "
+                f"{values[worst]:.3g}); increase arnoldi_dim (P={result.basis.shape[0]}) or lower embedding_dim",
+                stacklevel=2,
+            )
         vectors_t = torch.as_tensor(vectors, dtype=result.basis.dtype, device=result.basis.device)
-        self.factors_ = (result.basis.T @ vectors_t).to(self.device)  # M = Q V
+        factors = result.basis.T @ vectors_t  # M = Q V
+        self.factors_ = factors.to(device=self.device, dtype=dtype)
         self.eigenvalues_ = torch.as_tensor(values + cfg.damping, dtype=torch.float64)
         self.ritz_residuals_ = residuals
         self.arnoldi_spectrum_ = spectrum
         self.arnoldi_iterations_ = int(result.basis.shape[0])
         self.arnoldi_breakdown_ = bool(result.breakdown)
+        self.block_size_ = int(block_size)
         self.n_fit_examples_ = int(n_examples)
         self._projection = None
         return self
+
+    def _block_size(self, params: dict[str, torch.Tensor], first_batch: Any) -> int:
+        """The configured block size, or (``"auto"``) the one the memory allows for the
+        first fit batch; under torch.distributed the smallest over ranks."""
+        cfg = self.config
+        if cfg.block_size != "auto":
+            return min(cfg.block_size, cfg.arnoldi_dim)
+        per_direction = 0
+        if first_batch is not None:
+            # each extra direction holds tangents of the forward's and the backward's intermediates
+            per_direction = 3 * self._loss.saved_bytes(params, first_batch)
+        size = automatic_block_size(per_direction, cfg.arnoldi_dim, cfg.embedding_dim, self.device)
+        return int(distributed.gather_rows(np.array([size])).min())
 
     # ------------------------------------------------------------ transform
     @property
@@ -299,6 +437,8 @@ class InfluenceEmbedder:
         check_loader_order(loader, "input")
         with eval_mode(self.model):
             params = {k: v.to(self.device) for k, v in self._loss.params().items()}
+            if self.trunk is not None:
+                loader = self._head_batches(loader)
             for i, batch in iterate_batches(loader, self.task, self._loss, self.device, validate=True, what="input"):
                 grads = self._loss.per_example_grads(params, batch)
                 check_finite(grads, f"the per-example gradients of batch {i}")
@@ -316,18 +456,33 @@ class InfluenceEmbedder:
         sharded = distributed.is_distributed()
         blocks = [torch.zeros(0, projection.shape[1])]
         total = len(loader) if hasattr(loader, "__len__") else None
-        with eval_mode(self.model):
+        with eval_mode(self.model), full_precision():
+            if self.trunk is not None:
+                loader = self._head_batches(loader)
             params = {k: v.to(self.device) for k, v in self._loss.params().items()}
             batches = iterate_batches(
                 loader, self.task, self._loss, self.device, validate=True, what="input", allow_empty=sharded
             )
             bar = tqdm(batches, total=total, desc="influence embeddings", disable=not self.progress, leave=False)
             for i, batch in bar:
+                if i == 0:
+                    self.projection_mode_ = self._choose_projection(params, batch)
                 block = self._project_batch(params, batch, projection)
                 check_finite(block, f"the influence embeddings of batch {i}")
                 blocks.append(block.float().cpu())
         local = torch.cat(blocks).numpy()
         return distributed.gather_rows(local)
+
+    def _head_batches(self, loader: Iterable) -> Iterator[Any]:
+        """The loader's batches mapped through ``trunk`` (no gradients, trunk in eval mode)."""
+        trunk_modules = [self.trunk] if isinstance(self.trunk, nn.Module) else []
+        for raw in loader:
+            batch = move_to(self.task.model_batch(raw), self.device)
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                for module in trunk_modules:
+                    stack.enter_context(eval_mode(module))
+                head_batch = self.trunk(batch)
+            yield head_batch
 
     def fit_transform(self, loader: Iterable) -> np.ndarray:
         return self.fit(loader).transform(loader)

@@ -1,5 +1,7 @@
 """Fast paths for InfluenceEmbedder, each exact (same factors and embeddings as the core
-up to round-off) and each checked against the core in tests/test_fastpaths.py.
+up to round-off) and each checked against the core in tests/test_fastpaths.py and
+tests/test_block_krylov.py. The core picks the projection by itself (closed form,
+forward mode or per-example gradients); what is here needs a different model or loader.
 
 * :class:`LinearHeadEmbedder` / :class:`LinearHeadLoss`: theta = the last ``nn.Linear``
   under cross-entropy, from cached activations (:func:`capture_inputs`), in closed form.
@@ -8,10 +10,13 @@ up to round-off) and each checked against the core in tests/test_fastpaths.py.
   HVP for V = (V_W, V_b): ``u_i = V_W a_i + V_b``, ``h_i = p_i * u_i - p_i (p_i . u_i)``,
   H V = (sum_i h_i a_i^T, sum_i h_i); embedding column k = g_i^T P_k a_i (+ g_i . P_k^b),
   without forming the (B, C*H) gradient block. No autograd graph at all.
+* :class:`LinearLogitsHead`: the same closed-form projection for a last ``nn.Linear``
+  inside a full model (its inputs captured by a forward hook); ``projection="auto"``
+  uses it.
 * :class:`FastInfluenceEmbedder`: any model. ``linearized_fit`` traces each fit batch's
   primal pass once (:class:`LinearizedHessianLoss`), so the P Arnoldi passes run only
-  the tangent computation; ``projection="forward"`` embeds by forward-mode directional
-  derivatives (:func:`forward_mode_embeddings`), never materialising per-example gradients.
+  the tangent computation (blocks of them vmapped over the traced tangent map).
+  :func:`forward_mode_embeddings` is the core's forward-mode projection as a function.
 * :func:`tensor_batches` / :func:`fixed_batches`: in-memory batches sliced whole,
   instead of a DataLoader that collates example by example on every pass.
 
@@ -27,7 +32,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import grad, jvp, linearize, vmap
+from torch.func import grad, linearize, vmap
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, TensorDataset
 from tqdm.auto import tqdm
 
@@ -103,18 +108,95 @@ class LinearHeadLoss:
             parts["bias"] = curvature.sum(dim=0)
         return self.selection.flatten(parts)
 
+    def hvp_block(self, params: dict[str, torch.Tensor], batch: Any, vectors: torch.Tensor) -> torch.Tensor:
+        """(b, |theta|) block of HVPs in closed form, one batched product for the block."""
+        activations = batch[0]
+        tangent = self.selection.unflatten(vectors)
+        probs, _ = self._softmax_and_residual(params, batch)
+        logit_tangent = torch.einsum("bh,kch->kbc", activations, tangent["weight"])
+        if self.has_bias:
+            logit_tangent = logit_tangent + tangent["bias"][:, None, :]
+        curvature = probs * logit_tangent - probs * (probs * logit_tangent).sum(dim=2, keepdim=True)
+        parts = {"weight": torch.einsum("kbc,bh->kch", curvature, activations)}
+        if self.has_bias:
+            parts["bias"] = curvature.sum(dim=1)
+        return self.selection.flatten(parts, batch_dims=1)
+
+    # a linear model under cross-entropy: the Gauss-Newton matrix is the Hessian
+    ggn_block = hvp_block
+
+    def saved_bytes(self, params: dict[str, torch.Tensor], batch: Any) -> int:
+        """Memory per extra direction of :meth:`hvp_block`: a few (B, C) tangents."""
+        return 4 * batch[0].shape[0] * params["weight"].shape[0] * params["weight"].element_size()
+
     def project(self, params: dict[str, torch.Tensor], batch: Any, projection: torch.Tensor) -> torch.Tensor:
         """per_example_grads(batch) @ projection, without forming the (B, C*H) block."""
-        activations = batch[0]
         _, residual = self._softmax_and_residual(params, batch)
-        n_classes, width = params["weight"].shape
-        n_weight = n_classes * width
-        weight_part = projection[:n_weight].T.reshape(-1, width)  # (D*C, H)
-        projected = (activations @ weight_part.T).view(len(activations), -1, n_classes)  # (B, D, C)
-        out = torch.einsum("bdc,bc->bd", projected, residual)
-        if self.has_bias:
-            out = out + residual @ projection[n_weight:]
-        return out
+        return closed_form_projection(batch[0], residual, projection, self.has_bias)
+
+
+def closed_form_projection(
+    activations: torch.Tensor, residual: torch.Tensor, projection: torch.Tensor, has_bias: bool
+) -> torch.Tensor:
+    """Per-example gradients of a linear layer under cross-entropy times ``projection``:
+    column k is g_i^T P_k a_i (+ g_i . p_k with a bias), with g_i = softmax - one-hot."""
+    n_classes, width = residual.shape[1], activations.shape[1]
+    n_weight = n_classes * width
+    weight_part = projection[:n_weight].T.reshape(-1, width)  # (D*C, H)
+    projected = (activations @ weight_part.T).view(len(activations), -1, n_classes)  # (B, D, C)
+    out = torch.einsum("bdc,bc->bd", projected, residual)
+    if has_bias:
+        out = out + residual @ projection[n_weight:]
+    return out
+
+
+class LinearLogitsHead:
+    """theta = one ``nn.Linear`` of a full model whose output *is* the logits of a
+    cross-entropy task (e.g. ``resnet.fc``): per-example gradients times a projection in
+    closed form from the layer's inputs, captured by a forward hook in one no-grad
+    forward. What InfluenceEmbedder's ``projection="auto"`` uses when it applies."""
+
+    def __init__(self, model: nn.Module, module: nn.Linear, task: Task, has_bias: bool):
+        self.model, self.module, self.task, self.has_bias = model, module, task, has_bias
+
+    @classmethod
+    def find(cls, model: nn.Module, task: Task, selection: Any, loss: Any, batch: Any) -> "LinearLogitsHead | None":
+        """The head when theta is one such layer (checked on ``batch``), else None."""
+        if type(task).loss is not Task.loss or not isinstance(loss, FunctionalLoss):
+            return None
+        owners = {name.rpartition(".")[0] for name in selection.names}
+        if len(owners) != 1:
+            return None
+        owner = owners.pop()
+        module = dict(model.named_modules()).get(owner)
+        prefix = f"{owner}." if owner else ""
+        if not isinstance(module, nn.Linear) or selection.names[0] != f"{prefix}weight":
+            return None
+        head = cls(model, module, task, has_bias=f"{prefix}bias" in selection.names)
+        inputs, logits, output = head._capture(batch)
+        if output is not logits or inputs is None or inputs.dim() != 2 or logits.dim() != 2:
+            return None
+        return head
+
+    @torch.no_grad()
+    def _capture(self, batch: Any) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(_module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            seen["input"], seen["output"] = args[0], output
+
+        handle = self.module.register_forward_hook(keep)
+        try:
+            logits = self.task.logits(self.model, batch)
+        finally:
+            handle.remove()
+        return seen.get("input"), logits, seen.get("output")
+
+    def project(self, batch: Any, projection: torch.Tensor) -> torch.Tensor:
+        inputs, logits, _ = self._capture(batch)
+        residual = torch.softmax(logits, dim=-1)
+        residual[torch.arange(len(residual), device=residual.device), self.task.targets(batch)] -= 1
+        return closed_form_projection(inputs.to(projection.dtype), residual.to(projection.dtype), projection, self.has_bias)
 
 
 class LinearHeadEmbedder(InfluenceEmbedder):
@@ -136,6 +218,9 @@ class LinearHeadEmbedder(InfluenceEmbedder):
 
     def _make_loss(self) -> LinearHeadLoss:
         return self._head_loss
+
+    def _choose_projection(self, params: dict[str, torch.Tensor], first_batch: Any) -> str:
+        return "closed_form"
 
     def _project_batch(self, params: dict[str, torch.Tensor], batch: Any, projection: torch.Tensor) -> torch.Tensor:
         return self._loss.project(params, batch, projection)
@@ -171,6 +256,13 @@ class LinearizedHessianLoss:
         tangent_map = self._traced[key][1]
         return self._inner.selection.flatten(tangent_map(self._inner.selection.unflatten(vector)))
 
+    def hvp_block(self, params: dict[str, torch.Tensor], batch: Any, vectors: torch.Tensor) -> torch.Tensor:
+        """A block of HVPs: the traced tangent map vmapped over the block."""
+        self.hvp(params, batch, vectors[0])  # traces the batch if it is new
+        tangent_map = self._traced[tuple(id(t) for t in _tensor_leaves((params, batch)))][1]
+        selection = self._inner.selection
+        return selection.flatten(vmap(tangent_map)(selection.unflatten(vectors)), batch_dims=1)
+
     def clear(self) -> None:
         self._traced.clear()
 
@@ -189,40 +281,23 @@ def forward_mode_embeddings(
     loss: FunctionalLoss, params: dict[str, torch.Tensor], batch: Any, projection: torch.Tensor,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """per-example gradients @ projection, (B, D), without any per-example gradient.
-
-    Column k is the directional derivative of every example's loss along projection
-    column k: one forward-mode pass (jvp) per column, vmapped over the D columns, so the
-    primal forward runs once and the tangents share its batched kernels. Costs ~D
-    tangent forwards instead of a per-example backward plus a (B, |theta|) block; it pays
-    when |theta| is large and D small (e.g. convolutional layers, whose per-example
-    weight gradients vmap cannot batch efficiently).
-    """
-
-    def directional(column: torch.Tensor) -> torch.Tensor:
-        _, derivative = jvp(lambda p: loss.losses(p, batch), (params,), (loss.selection.unflatten(column),))
-        return derivative
-
-    return vmap(directional, in_dims=1, out_dims=1, chunk_size=chunk_size)(projection)
+    """per-example gradients @ projection by forward mode (see
+    :meth:`harness.hessian.FunctionalLoss.directional_derivatives`)."""
+    return FunctionalLoss.directional_derivatives(loss, params, batch, projection, chunk_size)
 
 
 class FastInfluenceEmbedder(InfluenceEmbedder):
-    """:class:`harness.InfluenceEmbedder` with two optional fast paths; same arguments,
-    factors and embeddings (to round-off) as the core.
+    """:class:`harness.InfluenceEmbedder` with traced HVPs; same arguments, factors and
+    embeddings (to round-off) as the core, which already picks the fastest projection.
 
     linearized_fit : bool
         FactorHessian with :class:`LinearizedHessianLoss`. Give ``fit`` a loader that
         yields the same tensors every pass (:func:`fixed_batches`); the traces are
         dropped after fit.
-    projection : {"gradients", "forward"}
-        ``"gradients"``: the core's vmap per-example gradients times M lambda^-1/2;
-        ``"forward"``: :func:`forward_mode_embeddings` (no per-example gradient).
     """
 
-    def __init__(self, *args: Any, linearized_fit: bool = True, projection: str = "gradients", **kwargs: Any):
-        if projection not in ("gradients", "forward"):
-            raise InputError(f"projection must be 'gradients' or 'forward'; got {projection!r}")
-        self.linearized_fit, self.projection_mode = bool(linearized_fit), projection
+    def __init__(self, *args: Any, linearized_fit: bool = True, **kwargs: Any):
+        self.linearized_fit = bool(linearized_fit)
         super().__init__(*args, **kwargs)
 
     def _make_loss(self) -> Any:
@@ -235,11 +310,6 @@ class FastInfluenceEmbedder(InfluenceEmbedder):
         finally:
             if self.linearized_fit:
                 self._loss.clear()
-
-    def _project_batch(self, params: dict[str, torch.Tensor], batch: Any, projection: torch.Tensor) -> torch.Tensor:
-        if self.projection_mode == "gradients":
-            return super()._project_batch(params, batch, projection)
-        return forward_mode_embeddings(self._loss, params, batch, projection, self.chunk_size)
 
 
 def fixed_batches(data: Dataset | tuple[torch.Tensor, ...], batch_size: int, device: str | torch.device = "cpu") -> list:
