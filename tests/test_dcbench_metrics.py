@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.benchmark.metrics import pairwise_metrics, per_slice_metrics, precision_at_k, slice_metrics
+from harness.dcbench.metrics import pairwise_metrics, per_slice_metrics, precision_at_k, slice_metrics
 from harness.compat import legacy_stack_available
 from harness.errors import InputError
 
@@ -87,7 +87,7 @@ def test_equals_dcbench_evaluate(tmp_path):
     """Our numbers equal dcbench's SliceDiscoveryProblem.evaluate on the same predictions."""
     import meerkat as mk
 
-    from harness.benchmark.dcbench import _dcbench_config
+    from harness.dcbench.client import _dcbench_config
     from harness.compat import import_dcbench
 
     dcbench = import_dcbench()
