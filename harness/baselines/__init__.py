@@ -3,5 +3,6 @@
 
 from harness.baselines.domino import DominoSlicer
 from harness.baselines.simple import ConfusionSlicer, KMeansSlicer, SlicerInputs, check_inputs
+from harness.baselines.spotlight import SpotlightSlicer
 
-__all__ = ["ConfusionSlicer", "DominoSlicer", "KMeansSlicer", "SlicerInputs", "check_inputs"]
+__all__ = ["ConfusionSlicer", "DominoSlicer", "KMeansSlicer", "SlicerInputs", "SpotlightSlicer", "check_inputs"]
