@@ -43,7 +43,7 @@ from harness.dcbench.protocol import (
 from harness.errors import InputError
 from harness.io import atomic_savez
 from harness.models.small import image_trunk, series_trunk
-from harness.paths import cache_dir, has_dataset
+from harness.paths import cache_dir, data_dir, has_dataset
 from harness.train import TrainConfig
 
 INPUT_TYPES = ("natural_images", "medical_images", "medical_time_series")
@@ -421,12 +421,12 @@ def ecg_suite(length: int = 96) -> Suite:
         defaults={"slice_share": 0.05})
 
 
-SUITES: dict[str, tuple[Callable[[], Suite], tuple[str, ...]]] = {
-    # name: (builder, shared datasets it needs; () = runs on what the packages ship)
-    "digits": (digits_suite, ()),
-    "tiny-imagenet": (tiny_imagenet_suite, ("tiny-imagenet-subset",)),
-    "covid-xray": (xray_suite, ("covid-chestxray", "tiny-imagenet-subset")),
-    "ecg": (ecg_suite, ("timeseries",)),
+SUITES: dict[str, tuple[Callable[[], Suite], tuple[str, ...], str]] = {
+    # name: (builder, shared datasets it needs (() = runs on what the packages ship), input type)
+    "digits": (digits_suite, (), "natural_images"),
+    "tiny-imagenet": (tiny_imagenet_suite, ("tiny-imagenet-subset",), "natural_images"),
+    "covid-xray": (xray_suite, ("covid-chestxray", "tiny-imagenet-subset"), "medical_images"),
+    "ecg": (ecg_suite, ("timeseries",), "medical_time_series"),
 }
 
 
@@ -438,10 +438,11 @@ def shipped_suites(names: tuple[str, ...] | None = None) -> tuple[list[Suite], d
         raise InputError(f"unknown suites {unknown}; choose from {list(SUITES)}")
     suites, skipped = [], {}
     for name in names:
-        build, needs = SUITES[name]
+        build, needs, _ = SUITES[name]
         missing = [d for d in needs if not has_dataset(d)]
         if missing:
-            skipped[name] = f"needs the shared dataset(s) {missing}, which no PyPI package ships"
+            skipped[name] = (f"no {missing[0]!r} folder in the data folder {data_dir()}; no PyPI package ships it "
+                             "(`make data` fetches it)")
             continue
         suites.append(build())
     return suites, skipped
