@@ -156,6 +156,19 @@ def counts_table(results: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def suite_table(results: pd.DataFrame, metric: str = "precision_at_10") -> str:
+    """Mean ``metric`` per suite and error type (non-degenerate problems): which data drives a row block."""
+    usable = _usable(results)
+    means = usable.pivot_table(index=["suite", "method"], columns="kind", values=metric, aggfunc="mean", sort=False)
+    counts = usable.drop_duplicates(["suite", "data", "kind", "seed"]).groupby(["suite", "kind"]).size()
+    lines = ["| Suite | Method | " + " | ".join(f"{k} (n)" for k in KINDS) + " |", "|---" * (len(KINDS) + 2) + "|"]
+    for (suite, method), row in means.iterrows():
+        cells = [f"{row[k]:.2f} ({counts.get((suite, k), 0)})" if k in row and np.isfinite(row[k]) else "n/a"
+                 for k in KINDS]
+        lines.append(f"| {suite} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def paired_table(paired: pd.DataFrame) -> str:
     lines = ["| Input type | Error type | InfEmbed minus | Difference [95% interval] | Decided | Win / tie / loss |",
              "|---|---|---|---|---|---|"]
@@ -178,6 +191,7 @@ def write_results(results: pd.DataFrame, out: Path, header: list[str]) -> pd.Dat
         "", "## precision@10 (mean [95% interval])", "", markdown_table(summary),
         "", "## InfEmbed against every other method (paired precision@10 differences)", "", paired_table(paired),
         "", "## Problems per cell", "", counts_table(results),
+        "", "## precision@10 per suite (mean over its problems; n = problems)", "", suite_table(results),
     ]
     for metric in METRICS[1:]:
         text += ["", f"## {metric}", "", markdown_table(summarize(results, metric), paper=False)]

@@ -421,12 +421,59 @@ def ecg_suite(length: int = 96) -> Suite:
         defaults={"slice_share": 0.05})
 
 
+def quantile_groups(values: np.ndarray, within: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin index 0..n_bins-1 of every value among the values of its ``within`` group (quantiles)."""
+    values, within = np.asarray(values, dtype=np.float64), np.asarray(within)
+    out = np.zeros(len(values), dtype=np.int64)
+    for g in np.unique(within):
+        members = np.flatnonzero(within == g)
+        ranks = np.argsort(np.argsort(values[members], kind="stable"), kind="stable")
+        out[members] = ranks * n_bins // len(members)
+    return out
+
+
+def eeg_suite() -> Suite:
+    """The shared EEG set (UEA FingerMovements: 416 trials, 28 channels x 50 samples, left vs
+    right finger movement; dcbench's time series are EEG too). It has no sub-group labels, so
+    a sub-group is a tercile of the trial's total signal power inside its class (6 sub-groups)
+    and the attributes are measured properties median-split inside each sub-group: the share
+    of the power in the trial's second half, and the spectral centroid. Channels are
+    standardised over the whole set (per-trial normalisation would hide the power). Too few
+    trials for a development pool: settings come from the other suites' development problems."""
+    from harness.data.timeseries import load_ucr
+
+    parts = [load_ucr("FingerMovements", split) for split in ("TRAIN", "TEST")]
+    series = np.concatenate([x for x, _ in parts])
+    _, labels = np.unique(np.concatenate([y for _, y in parts]), return_inverse=True)
+    labels = labels.astype(np.int64)
+    power = np.log(series.var(axis=2).mean(axis=1))
+    groups = labels * 3 + quantile_groups(power, labels, 3)
+    half = series.shape[2] // 2
+    late = (series[:, :, half:] ** 2).sum(axis=(1, 2)) / (series ** 2).sum(axis=(1, 2))
+    spectrum = np.abs(np.fft.rfft(series - series.mean(axis=2, keepdims=True), axis=2)).mean(axis=1)
+    centroid = (spectrum * np.arange(spectrum.shape[1])).sum(axis=1) / spectrum.sum(axis=1)
+    attributes = {"late_power": median_split(late, groups), "high_frequency": median_split(centroid, groups)}
+    x = ((series - series.mean(axis=(0, 2), keepdims=True)) / series.std(axis=(0, 2), keepdims=True)).astype(np.float32)
+    trunk_pool, report_pool = _pools(groups, (0.3, 0.7), seed=0)
+    names = tuple(f"{side} movement, power tercile {t + 1}" for side in ("left", "right") for t in range(3))
+    data = LabeledData(x[report_pool], labels[report_pool], groups=groups[report_pool],
+                       attributes={k: v[report_pool] for k, v in attributes.items()}, name="eeg",
+                       group_names=names, ids=report_pool)
+    trunk = TrunkRecipe("conv1d-28ch", lambda: series_trunk(28), LabeledData(x[trunk_pool], labels[trunk_pool],
+                        name="eeg-pretrain", ids=trunk_pool), TrainConfig(epochs=30, lr=3e-3, seed=0))
+    return Suite("medical_time_series", "eeg", "EEG, UEA FingerMovements (416 trials, 28 channels; shared data)",
+                 report=(data,), trunk=trunk, correlation_attributes=("late_power", "high_frequency"),
+                 head_train=TrainConfig(epochs=100, lr=2e-3, weight_decay=1e-4),
+                 defaults={"slice_share": 0.1}, min_members=20)
+
+
 SUITES: dict[str, tuple[Callable[[], Suite], tuple[str, ...], str]] = {
     # name: (builder, shared datasets it needs (() = runs on what the packages ship), input type)
     "digits": (digits_suite, (), "natural_images"),
     "tiny-imagenet": (tiny_imagenet_suite, ("tiny-imagenet-subset",), "natural_images"),
     "covid-xray": (xray_suite, ("covid-chestxray", "tiny-imagenet-subset"), "medical_images"),
     "ecg": (ecg_suite, ("timeseries",), "medical_time_series"),
+    "eeg": (eeg_suite, ("timeseries",), "medical_time_series"),
 }
 
 
