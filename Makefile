@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 SOURCE ?= mini
 NPROC ?= 2
 
-.PHONY: install test reproduce-table1 ablations update-regression bench embed-distributed report agnews imagenet boneage covid figures clean-cache
+.PHONY: install test data reproduce-table1 ablations update-regression bench embed-distributed report agnews imagenet boneage covid figures clean-cache
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every dataset of README.md's Data section from its public source into the data folder
+# (INFEMBED_DATA, else ../shared/data if present, else data/); present ones are left alone.
+# DATASETS="mnist timeseries" fetches only those.
+DATASETS ?=
+data: $(STAMP)
+	$(PY) -m harness.data.download $(DATASETS)
 
 reproduce-table1: $(STAMP)
 	$(PY) -m experiments.table1 --source $(SOURCE)

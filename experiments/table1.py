@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     type_of = {name: input_type for name, (_, _, input_type) in SUITES.items()}
     ran_types = {s.input_type for s in suites}
-    not_run = {t: "; ".join(why for name, why in skipped.items() if type_of.get(name) == t)
+    not_run = {t: "; ".join(dict.fromkeys(why for name, why in skipped.items() if type_of.get(name) == t))
                for t in INPUT_TYPES if t not in ran_types}
     for input_type, why in not_run.items():
         print(f"not run: {input_type.replace('_', ' ')}: {why}", file=sys.stderr)

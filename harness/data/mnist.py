@@ -21,6 +21,7 @@ MNIST_IMAGES = "t10k-images-idx3-ubyte.gz"
 MNIST_LABELS = "t10k-labels-idx1-ubyte.gz"
 # IDX headers: magic number, then one big-endian uint32 per dimension.
 _IDX_MAGIC = {3: 2051, 1: 2049}
+_MNIST_SIZE, _MNIST_BOX = 28, 20  # MNIST digits fill a 20x20 box centred in 28x28
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,20 @@ def load_mnist() -> ImageSet:
 
 
 def load_sklearn_digits() -> ImageSet:
-    """Fallback when the shared data is absent: scikit-learn's 1,797 8x8 digits (shipped with the package)."""
+    """Fallback when the shared data is absent: scikit-learn's 1,797 8x8 digits (shipped with
+    the package), brought to MNIST's geometry so MNIST's models take them unchanged: each
+    digit is upsampled bilinearly to MNIST's 20x20 digit box and padded by 4 blank pixels to
+    28x28 (MNIST centres its 20x20 digits in a 28x28 frame)."""
+    from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    small = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    boxed = np.stack([np.asarray(Image.fromarray(d).resize((_MNIST_BOX, _MNIST_BOX), Image.BILINEAR)) for d in small])
+    pad = (_MNIST_SIZE - _MNIST_BOX) // 2
+    images = np.pad(boxed, ((0, 0), (pad, pad), (pad, pad)))
     return ImageSet(images, digits.target.astype(np.int64), tuple(str(d) for d in range(10)),
-                    "scikit-learn digits 8x8 (fallback: shared data absent)")
+                    "scikit-learn digits 8x8, upsampled to MNIST's 28x28 (fallback: no MNIST in the data folder)")
 
 
 def stroke_attributes(images: np.ndarray) -> pd.DataFrame:

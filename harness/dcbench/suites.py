@@ -43,7 +43,7 @@ from harness.dcbench.protocol import (
 from harness.errors import InputError
 from harness.io import atomic_savez
 from harness.models.small import image_trunk, series_trunk
-from harness.paths import cache_dir, data_dir, has_dataset
+from harness.paths import cache_dir, data_dir, dataset_available
 from harness.train import TrainConfig
 
 INPUT_TYPES = ("natural_images", "medical_images", "medical_time_series")
@@ -266,7 +266,7 @@ def digits_suite() -> Suite:
     median-split inside each digit."""
     from harness.data.mnist import load_mnist, load_sklearn_digits, stroke_attributes
 
-    shipped = not has_dataset("mnist")
+    shipped = not dataset_available("mnist")
     images = load_sklearn_digits() if shipped else load_mnist()
     strokes = stroke_attributes(images.images)
     fine = images.labels
@@ -486,7 +486,7 @@ def shipped_suites(names: tuple[str, ...] | None = None) -> tuple[list[Suite], d
     suites, skipped = [], {}
     for name in names:
         build, needs, _ = SUITES[name]
-        missing = [d for d in needs if not has_dataset(d)]
+        missing = [d for d in needs if not dataset_available(d)]
         if missing:
             skipped[name] = (f"no {missing[0]!r} folder in the data folder {data_dir()}; no PyPI package ships it "
                              "(`make data` fetches it)")
