@@ -26,7 +26,7 @@ import torch
 from experiments.table1 import DEV_FIRST_SEED, RESULTS, cluster_bootstrap, problem_jobs
 from harness.dcbench.methods import TABLE1_INFEMBED, InfEmbedConfig
 from harness.dcbench.protocol import KINDS
-from harness.dcbench.runner import run_problems
+from harness.dcbench.runner import NOT_RUN, run_problems
 from harness.dcbench.suites import shipped_suites
 from harness.io import atomic_write_text
 
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = GRID if args.grid else VARIANTS
     results = pd.DataFrame(run_problems(jobs, BASE, workers=args.workers, variants=variants,
                                         desc="development problems"))
+    results = results[results["method"] != NOT_RUN]
     n_problems = results.drop_duplicates(["suite", "data", "kind", "seed"]).shape[0]
     note = (f"{n_problems} development problems ({args.problems} per cell, {time.time() - start:.0f} s); suites "
             f"{', '.join(s.name for s in suites if s.dev)}"

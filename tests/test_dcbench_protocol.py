@@ -203,3 +203,16 @@ def test_pooled_ecg_holds_every_single_lead_series():
     # ECG200 200 + ECG5000 train 500 + ECGFiveDays 884 + TwoLeadECG 1162 (README table)
     assert pooled.series.shape == (2746, 1, 64)
     assert np.allclose(pooled.series.mean(axis=-1), 0, atol=1e-4)
+
+
+def test_a_validation_set_too_small_for_the_slicers_is_refused():
+    """Few slice members in a split shrink the evaluation set to keep the slice share; below
+    MIN_VALIDATION examples the slicers cannot be fitted, and the problem is refused by name."""
+    from harness.dcbench.protocol import MIN_VALIDATION
+
+    n = 200
+    groups = np.zeros(n, dtype=np.int64)
+    groups[:6] = 1  # a 6-member sub-group: about 1 member in the validation split
+    data = LabeledData(np.zeros((n, 2), np.float32), (np.arange(n) % 2).astype(np.int64), groups=groups, name="tiny")
+    with pytest.raises(InputError, match=rf"validation set of \d+ examples \(< {MIN_VALIDATION}\)"):
+        make_problem(data, ProblemSpec("rare", target=1, seed=0, slice_share=0.1))

@@ -46,6 +46,9 @@ from harness.errors import InputError
 from harness.train import Predictions
 
 KINDS = ("rare", "correlation", "noisy_label")
+# A validation set must hold at least this many examples: slicers are fitted on it (Domino's
+# mixture has 25 components).
+MIN_VALIDATION = 25
 
 
 # ---------------------------------------------------------------- data
@@ -315,6 +318,9 @@ def _evaluation_set(pool: np.ndarray, in_slice: np.ndarray, spec: ProblemSpec, r
         raise InputError(f"{data_name}: problem {spec.slice_id} (seed {spec.seed}) leaves no slice member in the "
                          f"{what} set")
     chosen = rng.choice(slice_pool, size=wanted, replace=False)
+    if what == "validation" and wanted + len(rest) < MIN_VALIDATION:
+        raise InputError(f"{data_name}: problem {spec.slice_id} (seed {spec.seed}) leaves a validation set of "
+                         f"{wanted + len(rest)} examples (< {MIN_VALIDATION}): too few slice members in its split")
     return np.sort(np.concatenate([chosen, rest]))
 
 

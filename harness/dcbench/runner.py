@@ -52,7 +52,11 @@ RAW_PCA_DIM = 64
 # problems, and Adam moves the centre ~lr per step, so 200 x 1e-2 still spans the head
 # activations' scale (standard deviation ~0.8).
 SPOTLIGHT_OPTIONS = {"num_steps": 200, "learning_rate": 1e-2}
+# Spotlight's 2% must hold at least this many validation examples (the smallest suites' validation
+# sets hold ~40); larger sets keep the 2%.
+SPOTLIGHT_MIN_EXAMPLES = 2
 RUNS_FORMAT = "harness.dcbench-run/1"
+NOT_RUN = "(not run)"  # the method name of a problem whose splits could not be built
 
 
 # ---------------------------------------------------------------- trunks and features
@@ -243,8 +247,9 @@ def method_scores(run: ProblemRun, config: InfEmbedConfig = TABLE1_INFEMBED) -> 
     }
     spotlight = spotlight_slicer_class()
     if spotlight is not None:
-        scores["Spotlight (head activations)"] = _fit_score(spotlight(n_slices=N_SLICES, seed=0, **SPOTLIGHT_OPTIONS),
-                                                            run, "activations")
+        size = max(0.02, SPOTLIGHT_MIN_EXAMPLES / len(run.val.targets))
+        scores["Spotlight (head activations)"] = _fit_score(
+            spotlight(n_slices=N_SLICES, seed=0, spotlight_size=size, **SPOTLIGHT_OPTIONS), run, "activations")
     scores["Confusion matrix"] = _fit_score(ConfusionSlicer(n_slices=N_SLICES), run, None)
     scores["K-Means (head activations)"] = _fit_score(KMeansSlicer(n_slices=N_SLICES, seed=0), run, "activations")
     return scores, info
@@ -333,7 +338,13 @@ def _run_job(suite_name: str, spec: ProblemSpec, config: InfEmbedConfig, path: s
              variants: Sequence[tuple[str, InfEmbedConfig]] | None = None) -> list[dict]:
     torch.set_num_threads(1)
     state = _WORKER_STATE[suite_name]
-    run = prepare_problem(state["suite"], spec, state["features"], state["raw"], trunk_weights=state["weights"])
+    try:
+        run = prepare_problem(state["suite"], spec, state["features"], state["raw"], trunk_weights=state["weights"])
+    except InputError as exc:  # a seed whose splits cannot hold the problem: recorded, not fatal
+        rows = [{"input_type": state["suite"].input_type, "suite": suite_name, "kind": spec.kind, "data": spec.data,
+                 "seed": spec.seed, "slice_id": spec.slice_id, "method": NOT_RUN, "not_run": str(exc)}]
+        atomic_write_text(json.dumps(rows) + "\n", path)
+        return rows
     scores, info = method_scores(run, config)
     rows = evaluate(run, scores, info)
     if variants:
@@ -347,12 +358,15 @@ def _run_job(suite_name: str, spec: ProblemSpec, config: InfEmbedConfig, path: s
 
 def run_problems(jobs: Sequence[tuple[Suite, ProblemSpec]], config: InfEmbedConfig = TABLE1_INFEMBED,
                  workers: int = 1, progress: bool = True, desc: str = "mini-dcbench problems",
-                 variants: Sequence[tuple[str, InfEmbedConfig]] | None = None) -> list[dict]:
+                 variants: Sequence[tuple[str, InfEmbedConfig]] | None = None, stats: dict | None = None) -> list[dict]:
     """Runs every (suite, spec) job; finished problems are stored under
     ``.cache/dcbench/runs`` and read back on the next call (a killed run resumes).
     ``workers`` > 1 runs problems in that many processes (fork). With ``variants``
     (name, configuration) pairs, rows are InfEmbed under each configuration plus the other
-    methods as ``reference: <method>`` (the ablations)."""
+    methods as ``reference: <method>`` (the ablations). A problem whose splits cannot be built
+    (e.g. too few slice members for a validation set) gives one row with method
+    :data:`NOT_RUN` and the reason in ``not_run``. ``stats``, if given, receives ``cached``:
+    how many problems were read back instead of run."""
     if not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers must be a positive integer; got {workers!r}")
     suites = {s.name: s for s, _ in jobs}
@@ -370,6 +384,8 @@ def run_problems(jobs: Sequence[tuple[Suite, ProblemSpec]], config: InfEmbedConf
             results[i] = json.loads(path.read_text())
         else:
             todo.append((i, suite.name, spec, str(path)))
+    if stats is not None:
+        stats["cached"] = len(results)
     bar = tqdm(total=len(jobs), initial=len(results), desc=desc, disable=not progress, smoothing=0.05)
     if workers == 1 or len(todo) <= 1:
         for i, name, spec, path in todo:
