@@ -52,9 +52,7 @@ RAW_PCA_DIM = 64
 # problems, and Adam moves the centre ~lr per step, so 200 x 1e-2 still spans the head
 # activations' scale (standard deviation ~0.8).
 SPOTLIGHT_OPTIONS = {"num_steps": 200, "learning_rate": 1e-2}
-# Spotlight's 2% must hold at least this many validation examples (the smallest suites' validation
-# sets hold ~40); larger sets keep the 2%.
-SPOTLIGHT_MIN_EXAMPLES = 2
+SPOTLIGHT_SIZE = 0.02  # domino's default share of the fit data a spotlight must hold
 RUNS_FORMAT = "harness.dcbench-run/1"
 NOT_RUN = "(not run)"  # the method name of a problem whose splits could not be built
 
@@ -247,7 +245,9 @@ def method_scores(run: ProblemRun, config: InfEmbedConfig = TABLE1_INFEMBED) -> 
     }
     spotlight = spotlight_slicer_class()
     if spotlight is not None:
-        size = max(0.02, SPOTLIGHT_MIN_EXAMPLES / len(run.val.targets))
+        # Where 2% of the validation set is less than one example (the smallest suites), one example's worth.
+        n_val = len(run.val.targets)
+        size = SPOTLIGHT_SIZE if SPOTLIGHT_SIZE * n_val >= 1 else 1.001 / n_val
         scores["Spotlight (head activations)"] = _fit_score(
             spotlight(n_slices=N_SLICES, seed=0, spotlight_size=size, **SPOTLIGHT_OPTIONS), run, "activations")
     scores["Confusion matrix"] = _fit_score(ConfusionSlicer(n_slices=N_SLICES), run, None)
