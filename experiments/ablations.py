@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     note = (f"{n_problems} development problems ({args.problems} per cell, {time.time() - start:.0f} s); suites "
             f"{', '.join(s.name for s in suites if s.dev)}"
             + (f"; skipped {', '.join(skipped)}" if skipped else "")
-            + ". The X-ray suite has no development pool (too few images): its settings come from these. "
+            + ". The X-ray and EEG suites have no development pool (too few examples): their settings come from these. "
             "Degenerate problems (no error inside the slice) are left out. Mean precision@10 per cell.")
     if args.grid:
         infembed = results[~results["method"].str.startswith("reference: ")]
