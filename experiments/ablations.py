@@ -104,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     suites, skipped = shipped_suites()
     jobs = problem_jobs(suites, args.problems, DEV_FIRST_SEED, split="dev")
     variants = GRID if args.grid else VARIANTS
+    stats: dict = {}
     results = pd.DataFrame(run_problems(jobs, BASE, workers=args.workers, variants=variants,
-                                        desc="development problems"))
+                                        desc="development problems", stats=stats))
     results = results[results["method"] != NOT_RUN]
     n_problems = results.drop_duplicates(["suite", "data", "kind", "seed"]).shape[0]
-    note = (f"{n_problems} development problems ({args.problems} per cell, {time.time() - start:.0f} s); suites "
+    note = (f"{n_problems} development problems ({args.problems} per cell; {stats['cached']} read back from the cache "
+            f"of an earlier run, this invocation {time.time() - start:.0f} s); suites "
             f"{', '.join(s.name for s in suites if s.dev)}"
             + (f"; skipped {', '.join(skipped)}" if skipped else "")
             + ". The X-ray and EEG suites have no development pool (too few examples): their settings come from these. "
