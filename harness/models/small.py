@@ -23,27 +23,26 @@ def _check_widths(widths: tuple[int, ...]) -> tuple[int, ...]:
     return widths
 
 
+def _strided_trunk(conv, norm, pool, channels: int, widths: tuple[int, ...], kernel: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    previous = channels
+    for width in _check_widths(widths):
+        layers += [conv(previous, width, kernel, stride=2, padding=kernel // 2, bias=False), norm(width), nn.ReLU()]
+        previous = width
+    return nn.Sequential(*layers, pool(1), nn.Flatten())
+
+
 def image_trunk(channels: int, widths: tuple[int, ...] = (32, 64, 128)) -> nn.Sequential:
     """Strided 3x3 convolutions (BatchNorm, ReLU), then global average pooling:
     (N, channels, H, W) -> (N, widths[-1]). Padded, so any image size >= 1 works
     (scikit-learn's 8x8 digits included)."""
-    layers: list[nn.Module] = []
-    previous = channels
-    for width in _check_widths(widths):
-        layers += [nn.Conv2d(previous, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-        previous = width
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return _strided_trunk(nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d, channels, widths, 3)
 
 
 def series_trunk(channels: int, widths: tuple[int, ...] = (32, 64, 128)) -> nn.Sequential:
     """Strided 1-D convolutions (kernel 7, BatchNorm, ReLU), then global average pooling:
     (N, channels, L) -> (N, widths[-1])."""
-    layers: list[nn.Module] = []
-    previous = channels
-    for width in _check_widths(widths):
-        layers += [nn.Conv1d(previous, width, 7, stride=2, padding=3, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
-        previous = width
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten())
+    return _strided_trunk(nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d, channels, widths, 7)
 
 
 class PretrainNet(nn.Module):
