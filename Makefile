@@ -8,6 +8,8 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 # reproduce-table1: SOURCE=mini (offline mini-dcbench, default) or SOURCE=dcbench (the real benchmark)
 SOURCE ?= mini
+# mini-dcbench problems run in this many processes (one thread each)
+WORKERS ?= 2
 NPROC ?= 2
 
 .PHONY: install test data reproduce-table1 ablations update-regression bench embed-distributed report agnews imagenet boneage covid figures clean-cache
@@ -38,13 +40,21 @@ data: $(STAMP)
 	$(PY) -m harness.data.download $(DATASETS)
 
 reproduce-table1: $(STAMP)
-	$(PY) -m experiments.table1 --source $(SOURCE)
+	$(PY) -m experiments.table1 --source $(SOURCE) --workers $(WORKERS)
 
 # InfEmbed's design choices on development problems -> results/ablations.md (and the grid Table 1's
 # configuration was chosen from -> results/ablations_grid.md).
 ablations: $(STAMP)
-	$(PY) -m experiments.ablations --grid --problems 2
-	$(PY) -m experiments.ablations
+	$(PY) -m experiments.ablations --grid --problems 6 --workers $(WORKERS)
+	$(PY) -m experiments.ablations --problems 4 --workers $(WORKERS)
+
+# How much Table 1 moves between CPU kernel sets: the ECG suite, 4 problems per cell, native vs the scalar
+# `default` kernels, each from an empty cache -> results/table1_kernel_spread.json.
+table1-kernel-spread: $(STAMP)
+	INFEMBED_CACHE=$$(mktemp -d) $(PY) -m experiments.table1 --suites ecg --problems 4 --out .cache/spread/native
+	ATEN_CPU_CAPABILITY=default INFEMBED_CACHE=$$(mktemp -d) $(PY) -m experiments.table1 --suites ecg --problems 4 \
+		--out .cache/spread/default
+	$(PY) -m experiments.kernel_spread .cache/spread/native/table1_problems.csv .cache/spread/default/table1_problems.csv
 
 # The CI regression baselines (results/regression/) change only through this explicit target.
 update-regression: $(STAMP)

@@ -5,16 +5,17 @@ scalar ``default`` set): a 0.1% change of test accuracy can move one problem's p
 from 0.8 to 0.0. A regression that trains afresh therefore tests the CPU, not the code. This one
 is split in two:
 
-* **Slicers on frozen models** (``frozen_results``): the trained weights of a fixed set of Table 1
-  problems are committed under ``tests/fixtures/regression/`` (a few hundred KB); the regression
-  rebuilds each problem (its indices come from numpy's seeded generator, the same on every CPU),
-  loads the frozen weights and runs every method. Only the methods' own arithmetic is exercised,
-  and it is stable across kernel sets (measured: ``results/regression/kernel_spread.json``).
-  Per (input type, method, error type), the mean precision@10 may not drop more than
-  ``TOLERANCE`` below ``results/regression/<input type>.json``.
-* **Training end to end** (``fresh_statistics``): the same problems trained afresh, checked on
-  what is stable across kernel sets: test accuracy and the slice statistics of each problem,
-  within ``STATISTICS_BAND`` of the frozen model's.
+* **Slicers on frozen models** (``frozen_runs``): per suite of the mini-dcbench the pretrained
+  trunk and the fine-tuned heads of a fixed set of Table 1 problems are committed under
+  ``tests/fixtures/regression/<suite>/``; the regression rebuilds each problem (its splits come
+  from numpy's seeded generator, the same on every CPU), loads the frozen weights and runs every
+  method. Only the methods' own arithmetic is exercised, and it is stable across kernel sets
+  (measured: ``results/regression/kernel_spread.json``). Per (suite, method, error type), the
+  mean precision@10 may not drop more than ``TOLERANCE`` below
+  ``results/regression/<suite>.json``.
+* **Training end to end** (``fresh_statistics``): the same problems trained afresh (trunk and
+  heads), checked on what is stable across kernel sets: each problem's test accuracy and slice
+  statistics, within a band of the frozen model's.
 
 Both run in a temporary cache (``temporary_cache``), so a warm cache can never stand in for the
 code under test. Baselines and fixtures change only through ``make update-regression``
@@ -30,6 +31,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import asdict
 from typing import Iterator
 
 import numpy as np
@@ -37,34 +39,34 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from harness.benchmark.problems import KINDS, ProblemSpec, Suite, make_problem, mini_dcbench_suite
+from experiments.table1 import REPORT_FIRST_SEED
+from harness.dcbench.methods import TABLE1_INFEMBED, InfEmbedConfig
+from harness.dcbench.protocol import KINDS, ProblemSpec, make_problem
+from harness.dcbench.runner import (
+    ProblemRun,
+    evaluate,
+    method_scores,
+    prepare_problem,
+    pretrained_trunk,
+    state_hash,
+    suite_features,
+    suite_raw_embeddings,
+)
+from harness.dcbench.suites import SUITES, Suite, shipped_suites
 from harness.errors import InputError
 from harness.io import atomic_torch_save, atomic_write_text
 from harness.paths import REPO_ROOT, has_dataset
 
-from experiments.table1 import (
-    REPORT_FIRST_SEED,
-    TABLE1_INFEMBED,
-    InfEmbedConfig,
-    ProblemRun,
-    evaluate,
-    method_scores,
-    run_problem,
-)
-
 BASELINE_DIR = REPO_ROOT / "results" / "regression"
 FIXTURE_DIR = REPO_ROOT / "tests" / "fixtures" / "regression"
-PROBLEMS_PER_CELL = 4
-# The shared datasets each input type needs (the baselines were measured on them).
-NEEDED_DATA = {"natural_images": "mnist", "medical_images": "covid-chestxray", "medical_time_series": "timeseries"}
+PROBLEMS_PER_CELL = 3
 # A per-cell mean precision@10 may drop at most this much below its baseline. On frozen models
 # the spread between kernel sets is far smaller (kernel_spread.json); one problem losing its slice
-# moves a 4-problem mean by up to 0.25, which this catches.
+# moves a 3-problem mean by up to 0.33, which this catches.
 TOLERANCE = 0.05
 # Fresh training: a statistic may differ from the frozen model's by max(floor, flips / n), n the
-# examples it is computed over, so small X-ray test sets (about 230 images, slices of 11) may flip
-# a few predictions. Measured between kernel sets (kernel_spread.json): at most 5 test and 2 slice
-# predictions flipped, 0.07 of the share of errors.
+# examples it is computed over, so small test sets (X-rays: slices of about 10) may flip a few
+# predictions. Measured between kernel sets: kernel_spread.json.
 STATISTICS_BAND = {"accuracy": 0.03, "accuracy_in_slice": 0.15, "accuracy_outside_slice": 0.03,
                    "slice_share_of_errors": 0.15}
 BAND_FLIPS = {"accuracy": ("n_test", 8), "accuracy_in_slice": ("n_slice", 4),
@@ -97,57 +99,99 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def available_input_types() -> list[str]:
-    return [t for t, name in NEEDED_DATA.items() if has_dataset(name)]
+def suite_names() -> list[str]:
+    """The suites that need shared data (the digits fallback is exercised by its own test)."""
+    return [name for name, (_, needs, _) in SUITES.items() if needs]
 
 
-def regression_specs(input_type: str) -> list[tuple[Suite, ProblemSpec]]:
-    """The fixed problems of one input type: the first ``PROBLEMS_PER_CELL`` reported problems
-    of every error type (Table 1's own seeds)."""
-    suite = mini_dcbench_suite(input_type, "report")
-    return [(suite, spec) for kind in KINDS for spec in suite.specs(kind, PROBLEMS_PER_CELL, REPORT_FIRST_SEED)]
+def available_suites() -> list[str]:
+    return [name for name in suite_names() if all(has_dataset(d) for d in SUITES[name][1])]
 
 
-def fixture_path(input_type: str, spec: ProblemSpec):
-    return FIXTURE_DIR / input_type / f"{spec.kind}_target{spec.target}_seed{spec.seed}.pt"
+def build_suite(name: str) -> Suite:
+    suites, skipped = shipped_suites((name,))
+    if skipped:
+        raise InputError(f"suite {name}: {skipped[name]}")
+    return suites[0]
 
 
-def problem_digest(suite: Suite, spec: ProblemSpec) -> str:
-    """A hash of the problem's splits, training labels and slice: a frozen model is only valid
-    for the exact problem it was trained on."""
-    problem = make_problem(suite.data, spec)
+def regression_specs(suite: Suite) -> list[ProblemSpec]:
+    """The suite's fixed problems: its first ``PROBLEMS_PER_CELL`` reported problems of every
+    error type (Table 1's own seeds)."""
+    return [spec for kind in KINDS for spec in suite.specs(kind, PROBLEMS_PER_CELL, REPORT_FIRST_SEED)]
+
+
+def problem_name(spec: ProblemSpec) -> str:
+    return f"{spec.kind}_{spec.data}_target{spec.target}_seed{spec.seed}"
+
+
+def trunk_path(suite: Suite):
+    return FIXTURE_DIR / suite.name / "trunk.pt"
+
+
+def head_path(suite: Suite, spec: ProblemSpec):
+    return FIXTURE_DIR / suite.name / f"{problem_name(spec)}.pt"
+
+
+def _digest(*arrays: np.ndarray) -> str:
     digest = hashlib.sha256()
-    for array in (problem.train_index, problem.train_labels, problem.test_index, problem.test_labels,
-                  problem.test_slice):
+    for array in arrays:
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()[:16]
 
 
-def load_frozen_model(suite: Suite, spec: ProblemSpec) -> torch.nn.Module:
-    path = fixture_path(suite.input_type, spec)
+def trunk_digest(suite: Suite) -> str:
+    """A hash of the trunk's pretraining pool: a frozen trunk is valid only for the pool it saw."""
+    return _digest(suite.trunk.data.example_ids, np.asarray(suite.trunk.data.labels, dtype=np.int64))
+
+
+def problem_digest(suite: Suite, spec: ProblemSpec) -> str:
+    """A hash of the problem's splits, training labels and slice: a frozen head is valid only
+    for the exact problem it was fine-tuned on."""
+    problem = make_problem(suite.dataset(spec.data), spec)
+    return _digest(problem.train_index, problem.train_labels, problem.val_index, problem.test_index,
+                   problem.test_labels, problem.test_slice)
+
+
+def _load_fixture(path, digest: str, what: str) -> dict:
     if not path.is_file():
-        raise InputError(f"no frozen model {path}: run `make update-regression`")
+        raise InputError(f"no frozen {what} {path}: run `make update-regression`")
     frozen = torch.load(path, map_location="cpu", weights_only=True)
-    if frozen["problem_digest"] != problem_digest(suite, spec):
-        raise InputError(f"{path} was trained on another version of this problem (its data or splits changed): "
+    if frozen["digest"] != digest:
+        raise InputError(f"{path} was trained on another version of this {what}'s data or splits: "
                          "run `make update-regression`")
-    model = suite.make_model()
-    model.load_state_dict(frozen["state_dict"])
-    return model.eval()
+    return frozen["state_dict"]
 
 
-def frozen_runs(input_type: str, progress: bool = False) -> list[ProblemRun]:
-    """Every regression problem of ``input_type`` with its frozen model (no training)."""
-    return [run_problem(suite, spec, model=load_frozen_model(suite, spec))
-            for suite, spec in tqdm(regression_specs(input_type), desc=f"frozen {input_type}", disable=not progress)]
+def frozen_runs(suite: Suite, progress: bool = False) -> list[ProblemRun]:
+    """Every regression problem of ``suite`` with its frozen trunk and heads (no training)."""
+    trunk = _load_fixture(trunk_path(suite), trunk_digest(suite), "trunk")
+    features, raw = suite_features(suite, trunk), suite_raw_embeddings(suite)
+    return [prepare_problem(suite, spec, features, raw,
+                            _load_fixture(head_path(suite, spec), problem_digest(suite, spec), "problem"))
+            for spec in tqdm(regression_specs(suite), desc=f"frozen {suite.name}", disable=not progress)]
+
+
+def fresh_runs(suite: Suite, progress: bool = False) -> list[ProblemRun]:
+    """Every regression problem of ``suite`` trained afresh, trunk and heads (in whatever cache
+    is active)."""
+    trunk = pretrained_trunk(suite.trunk, progress=progress)
+    features, raw = suite_features(suite), suite_raw_embeddings(suite)
+    weights = state_hash(trunk.state_dict())
+    return [prepare_problem(suite, spec, features, raw, trunk_weights=weights)
+            for spec in tqdm(regression_specs(suite), desc=f"training {suite.name}", disable=not progress)]
 
 
 def score_runs(runs: list[ProblemRun], infembed: InfEmbedConfig = TABLE1_INFEMBED) -> pd.DataFrame:
-    return pd.DataFrame([row for run in runs for row in evaluate(run, method_scores(run, infembed))])
+    rows = []
+    for run in runs:
+        scores, info = method_scores(run, infembed)
+        rows.extend(evaluate(run, scores, info))
+    return pd.DataFrame(rows)
 
 
 def cell_means(results: pd.DataFrame) -> dict[str, float]:
-    """{"method | kind": mean precision@10} of one input type."""
+    """{"method | kind": mean precision@10} of one suite."""
     return {f"{method} | {kind}": round(float(group["precision_at_10"].mean()), 4)
             for (method, kind), group in results.groupby(["method", "kind"])}
 
@@ -161,12 +205,12 @@ def precision_drops(baseline: dict[str, float], now: dict[str, float],
     return {cell: (baseline[cell], now[cell]) for cell in baseline if now[cell] < baseline[cell] - tolerance}
 
 
-def baseline_path(input_type: str):
-    return BASELINE_DIR / f"{input_type}.json"
+def baseline_path(suite_name: str):
+    return BASELINE_DIR / f"{suite_name}.json"
 
 
-def load_baseline(input_type: str) -> dict:
-    path = baseline_path(input_type)
+def load_baseline(suite_name: str) -> dict:
+    path = baseline_path(suite_name)
     if not path.is_file():
         raise InputError(f"no baseline {path}: run `make update-regression`")
     return json.loads(path.read_text())
@@ -178,9 +222,8 @@ def statistics_of(runs: list[ProblemRun]) -> dict[str, dict[str, float]]:
     for run in runs:
         stats = run.statistics
         counts = {"n_test": stats["n_test"], "n_slice": stats["n_slice"],
-                  "n_outside": stats["n_test"] - stats["n_slice"], "n_errors": int((~run.correct).sum())}
-        out[fixture_path(run.suite.input_type, run.spec).stem] = {
-            **{k: round(stats[k], 4) for k in STATISTICS_BAND}, **counts}
+                  "n_outside": stats["n_test"] - stats["n_slice"], "n_errors": int((~run.test.correct).sum())}
+        out[problem_name(run.spec)] = {**{k: round(stats[k], 4) for k in STATISTICS_BAND}, **counts}
     return out
 
 
@@ -189,15 +232,9 @@ def band(statistic: str, frozen: dict[str, float]) -> float:
     return max(STATISTICS_BAND[statistic], flips / max(frozen[count], 1))
 
 
-def fresh_runs(input_type: str, progress: bool = False) -> list[ProblemRun]:
-    """Every regression problem of ``input_type`` trained afresh (in whatever cache is active)."""
-    return [run_problem(suite, spec) for suite, spec in
-            tqdm(regression_specs(input_type), desc=f"training {input_type}", disable=not progress)]
-
-
-def fresh_statistics(input_type: str, progress: bool = False) -> dict[str, dict[str, float]]:
+def fresh_statistics(suite: Suite, progress: bool = False) -> dict[str, dict[str, float]]:
     """Accuracy and slice statistics of every regression problem trained afresh."""
-    return statistics_of(fresh_runs(input_type, progress))
+    return statistics_of(fresh_runs(suite, progress))
 
 
 def statistics_outside_band(baseline: dict[str, dict[str, float]], now: dict[str, dict[str, float]]) -> dict:
@@ -213,57 +250,58 @@ def statistics_outside_band(baseline: dict[str, dict[str, float]], now: dict[str
     return out
 
 
-def update(input_types: list[str]) -> None:
+def update(names: list[str]) -> None:
     """Trains the regression problems afresh, freezes their weights and writes the baselines."""
     with temporary_cache(), single_thread():
-        for input_type in input_types:
-            runs = []
-            for suite, spec in tqdm(regression_specs(input_type), desc=f"freezing {input_type}"):
-                run = run_problem(suite, spec)
-                atomic_torch_save({"state_dict": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
-                                   "problem_digest": problem_digest(suite, spec)},
-                                  fixture_path(input_type, spec))
-                runs.append(run)
+        for name in names:
+            suite = build_suite(name)
+            runs = fresh_runs(suite, progress=True)
+            trunk = pretrained_trunk(suite.trunk)
+            atomic_torch_save({"state_dict": trunk.state_dict(), "digest": trunk_digest(suite)}, trunk_path(suite))
+            for run in runs:
+                atomic_torch_save({"state_dict": run.head.state_dict(), "digest": problem_digest(suite, run.spec)},
+                                  head_path(suite, run.spec))
             # Baselines from the frozen weights exactly as the test loads them.
-            frozen = frozen_runs(input_type)
+            frozen = frozen_runs(suite, progress=True)
             payload = {"metric": "precision_at_10", "problems_per_cell": PROBLEMS_PER_CELL, "tolerance": TOLERANCE,
-                       "infembed": TABLE1_INFEMBED.__dict__, "means": cell_means(score_runs(frozen)),
+                       "infembed": asdict(TABLE1_INFEMBED), "means": cell_means(score_runs(frozen)),
                        "statistics": statistics_of(runs), "torch": torch.__version__,
                        "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-            atomic_write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", baseline_path(input_type))
-            print(f"wrote {baseline_path(input_type)} and {len(runs)} frozen models in {FIXTURE_DIR / input_type}")
+            atomic_write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", baseline_path(name))
+            print(f"wrote {baseline_path(name)}, a trunk and {len(runs)} heads in {FIXTURE_DIR / name}")
 
 
-def measure(input_types: list[str]) -> dict:
+def measure(names: list[str]) -> dict:
     """What this machine's kernel set gives: every method's cell means on the frozen models and
     on freshly trained ones, and the fresh models' statistics (run it under several
     ``ATEN_CPU_CAPABILITY`` values; ``--spread`` compares the outputs)."""
     out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "frozen_means": {}, "fresh_means": {},
            "fresh_statistics": {}}
     with temporary_cache(), single_thread():
-        for input_type in input_types:
-            out["frozen_means"][input_type] = cell_means(score_runs(frozen_runs(input_type)))
-            fresh = fresh_runs(input_type)
-            out["fresh_means"][input_type] = cell_means(score_runs(fresh))
-            out["fresh_statistics"][input_type] = statistics_of(fresh)
+        for name in names:
+            suite = build_suite(name)
+            out["frozen_means"][name] = cell_means(score_runs(frozen_runs(suite)))
+            fresh = fresh_runs(suite)
+            out["fresh_means"][name] = cell_means(score_runs(fresh))
+            out["fresh_statistics"][name] = statistics_of(fresh)
     return out
 
 
 def kernel_spread(measurements: list[dict]) -> dict:
-    """Per input type, how far the kernel sets' numbers lie apart (max - min over the sets):
-    the frozen-model cell means, the freshly trained cell means, and each fresh statistic."""
+    """Per suite, how far the kernel sets' numbers lie apart (max - min over the sets): the
+    frozen-model cell means, the freshly trained cell means, and each fresh statistic."""
     def spread(values_per_set: list[dict[str, float]]) -> dict[str, float]:
         return {key: round(max(v[key] for v in values_per_set) - min(v[key] for v in values_per_set), 4)
                 for key in values_per_set[0]}
 
-    out = {"cpu_capabilities": [m["cpu_capability"] for m in measurements], "input_types": {}}
-    for input_type in measurements[0]["frozen_means"]:
-        frozen = spread([m["frozen_means"][input_type] for m in measurements])
-        fresh = spread([m["fresh_means"][input_type] for m in measurements])
-        problems = measurements[0]["fresh_statistics"][input_type]
-        statistics = {stat: max(spread([{stat: m["fresh_statistics"][input_type][p][stat]} for m in measurements])[stat]
+    out = {"cpu_capabilities": [m["cpu_capability"] for m in measurements], "suites": {}}
+    for name in measurements[0]["frozen_means"]:
+        frozen = spread([m["frozen_means"][name] for m in measurements])
+        fresh = spread([m["fresh_means"][name] for m in measurements])
+        problems = measurements[0]["fresh_statistics"][name]
+        statistics = {stat: max(spread([{stat: m["fresh_statistics"][name][p][stat]} for m in measurements])[stat]
                                 for p in problems) for stat in STATISTICS_BAND}
-        out["input_types"][input_type] = {
+        out["suites"][name] = {
             "frozen_cell_means_max_spread": max(frozen.values()), "fresh_cell_means_max_spread": max(fresh.values()),
             "fresh_cell_means_mean_spread": round(float(np.mean(list(fresh.values()))), 4),
             "fresh_statistics_max_spread": statistics, "frozen_cell_means": frozen, "fresh_cell_means": fresh}
@@ -278,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                         "statistics to JSON (for measuring the spread between kernel sets)")
     action.add_argument("--spread", nargs="+", metavar="JSON", help="compare --measure outputs of several "
                         "kernel sets; writes results/regression/kernel_spread.json")
+    parser.add_argument("--suites", nargs="+", choices=suite_names(), help="only these suites (default: all whose "
+                        "shared data is present)")
     args = parser.parse_args(argv)
     if args.spread:
         measurements = [json.loads(open(path).read()) for path in args.spread]
@@ -285,14 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(json.dumps(kernel_spread(measurements), indent=2, sort_keys=True) + "\n", path)
         print(f"wrote {path}")
         return 0
-    input_types = available_input_types()
-    missing = sorted(set(NEEDED_DATA) - set(input_types))
-    if missing:
-        print(f"shared data absent: skipping {missing}", file=sys.stderr)
+    names = args.suites or available_suites()
+    missing = sorted(set(suite_names()) - set(available_suites()))
+    if missing and not args.suites:
+        print(f"shared data absent: skipping suites {missing}", file=sys.stderr)
     if args.update:
-        update(input_types)
+        update(names)
     else:
-        atomic_write_text(json.dumps(measure(input_types), indent=2, sort_keys=True) + "\n", args.measure)
+        atomic_write_text(json.dumps(measure(names), indent=2, sort_keys=True) + "\n", args.measure)
         print(f"wrote {args.measure}")
     return 0
 

@@ -8,7 +8,7 @@ from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 
 from harness.baselines import ConfusionSlicer, DominoSlicer, KMeansSlicer
-from harness.benchmark.metrics import slice_metrics
+from harness.dcbench.metrics import slice_metrics
 from harness.compat import legacy_stack_available
 from harness.errors import InputError
 

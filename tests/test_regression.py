@@ -1,7 +1,7 @@
 """CI regression of Table 1's numbers (experiments.regression), robust to the CPU's kernel set.
 
-* Every method on the committed frozen models: no (method, error type) mean precision@10 may
-  drop more than ``TOLERANCE`` below ``results/regression/<input type>.json``.
+* Every method on the committed frozen trunks and heads: no (method, error type) mean
+  precision@10 of a suite may drop more than ``TOLERANCE`` below ``results/regression/<suite>.json``.
 * The same problems trained afresh: accuracy and slice statistics within their bands.
 * Tests of the test: InfEmbed fed noise instead of influence embeddings, and Domino without its
   error weighting, must each be caught, and only in their own method's cells.
@@ -17,55 +17,59 @@ import functools
 import numpy as np
 import pytest
 
-from experiments import regression, table1
+from experiments import regression
 from harness.baselines import DominoSlicer
+from harness.dcbench import runner
+from harness.dcbench.suites import SUITES
 from harness.errors import InputError
 from harness.paths import has_dataset
 
 pytestmark = pytest.mark.slow
 
-INPUT_TYPES = list(regression.NEEDED_DATA)
+SUITE_NAMES = regression.suite_names()
+# The tests of the test break a method on the suite where every method finds slices.
+BREAK_SUITE = "ecg"
 
 
-def need_data(input_type: str) -> None:
-    name = regression.NEEDED_DATA[input_type]
-    if not has_dataset(name):
-        pytest.skip(f"shared data absent ({name}): the regression baselines were measured on it")
+def need_data(name: str) -> None:
+    missing = [d for d in SUITES[name][1] if not has_dataset(d)]
+    if missing:
+        pytest.skip(f"shared data absent ({', '.join(missing)}): the regression baselines were measured on it")
 
 
 @pytest.fixture(scope="module")
 def frozen_runs():
-    """Frozen-model runs per input type, built once for the module in an empty cache."""
+    """Frozen-model runs per suite, built once for the module in an empty cache."""
     runs = {}
 
-    def get(input_type: str):
-        need_data(input_type)
-        if input_type not in runs:
+    def get(name: str):
+        need_data(name)
+        if name not in runs:
             with regression.temporary_cache(), regression.single_thread():
-                runs[input_type] = regression.frozen_runs(input_type)
-        return runs[input_type]
+                runs[name] = regression.frozen_runs(regression.build_suite(name))
+        return runs[name]
 
     return get
 
 
-def drops_now(runs, input_type):
+def drops_now(runs, name):
     with regression.single_thread():
         now = regression.cell_means(regression.score_runs(runs))
-    return regression.precision_drops(regression.load_baseline(input_type)["means"], now)
+    return regression.precision_drops(regression.load_baseline(name)["means"], now)
 
 
-@pytest.mark.parametrize("input_type", INPUT_TYPES)
-def test_no_precision_drop_on_frozen_models(frozen_runs, input_type):
-    drops = drops_now(frozen_runs(input_type), input_type)
+@pytest.mark.parametrize("name", SUITE_NAMES)
+def test_no_precision_drop_on_frozen_models(frozen_runs, name):
+    drops = drops_now(frozen_runs(name), name)
     assert not drops, f"precision@10 dropped by more than {regression.TOLERANCE} (baseline, now): {drops}"
 
 
-@pytest.mark.parametrize("input_type", INPUT_TYPES)
-def test_fresh_training_keeps_accuracy_and_slice_statistics(input_type):
-    need_data(input_type)
+@pytest.mark.parametrize("name", SUITE_NAMES)
+def test_fresh_training_keeps_accuracy_and_slice_statistics(name):
+    need_data(name)
     with regression.temporary_cache(), regression.single_thread():
-        now = regression.fresh_statistics(input_type)
-    outside = regression.statistics_outside_band(regression.load_baseline(input_type)["statistics"], now)
+        now = regression.fresh_statistics(regression.build_suite(name))
+    outside = regression.statistics_outside_band(regression.load_baseline(name)["statistics"], now)
     assert not outside, f"fresh training outside the statistics' bands (frozen, fresh): {outside}"
 
 
@@ -76,35 +80,36 @@ def broken_cells(drops: dict, method_prefix: str) -> tuple[list[str], list[str]]
 
 def test_regression_catches_infembed_on_noise(frozen_runs, monkeypatch):
     """Influence embeddings replaced by Gaussian noise of the same shape."""
-    runs = frozen_runs("natural_images")
-    real = table1.influence_embeddings
+    runs = frozen_runs(BREAK_SUITE)
+    real = runner.infembed_embeddings
 
     def noise(run, config):
-        shape = real(run, config).shape
-        return np.random.default_rng(run.spec.seed).standard_normal(shape).astype(np.float32)
+        val, test, info = real(run, config)
+        rng = np.random.default_rng(run.spec.seed)
+        return rng.standard_normal(val.shape).astype(np.float32), rng.standard_normal(test.shape).astype(np.float32), info
 
-    monkeypatch.setattr(table1, "influence_embeddings", noise)
-    own, others = broken_cells(drops_now(runs, "natural_images"), "InfEmbed |")
+    monkeypatch.setattr(runner, "infembed_embeddings", noise)
+    own, others = broken_cells(drops_now(runs, BREAK_SUITE), "InfEmbed")
     assert own, "InfEmbed on noise was not caught by the regression"
     assert not others, f"other methods flagged by an InfEmbed-only break: {others}"
 
 
 def test_regression_catches_domino_without_error_weighting(frozen_runs, monkeypatch):
     """Domino's label and prediction log-likelihood weights set to 0: a plain Gaussian mixture."""
-    runs = frozen_runs("natural_images")
+    runs = frozen_runs(BREAK_SUITE)
     unweighted = functools.partial(DominoSlicer, y_log_likelihood_weight=0.0, y_hat_log_likelihood_weight=0.0)
-    monkeypatch.setattr(table1, "DominoSlicer", unweighted)
-    own, others = broken_cells(drops_now(runs, "natural_images"), "Domino")
+    monkeypatch.setattr(runner, "DominoSlicer", unweighted)
+    own, others = broken_cells(drops_now(runs, BREAK_SUITE), "Domino")
     assert own, "Domino without error weighting was not caught by the regression"
     assert not others, f"other methods flagged by a Domino-only break: {others}"
 
 
-def test_frozen_model_of_another_problem_is_refused(monkeypatch):
-    need_data("medical_time_series")
-    suite, spec = regression.regression_specs("medical_time_series")[0]
+def test_frozen_head_of_another_problem_is_refused(monkeypatch):
+    need_data(BREAK_SUITE)
+    suite = regression.build_suite(BREAK_SUITE)
     monkeypatch.setattr(regression, "problem_digest", lambda suite, spec: "another problem")
-    with pytest.raises(InputError, match="another version of this problem"):
-        regression.load_frozen_model(suite, spec)
+    with regression.temporary_cache(), pytest.raises(InputError, match="another version of this problem"):
+        regression.frozen_runs(suite)
 
 
 def test_changed_method_list_needs_new_baselines():

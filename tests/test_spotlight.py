@@ -8,7 +8,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from harness.baselines import SpotlightSlicer
-from harness.benchmark.metrics import slice_metrics
+from harness.dcbench.metrics import slice_metrics
 from harness.compat import legacy_stack_available
 from harness.errors import InputError
 

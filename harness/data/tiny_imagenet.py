@@ -150,3 +150,26 @@ def image_folder(path: str | os.PathLike, class_names: Sequence[str] | None = No
     samples = balanced_subset(make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS), per_class, seed)
     geometry = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop)])
     return ImageFolderSet(samples, class_names or classes, geometry, None, source=str(folder))
+
+
+def tiny_imagenet_arrays(size: int = 32, root: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """Every image of both splits of the subset, RGB, resized to size x size: a dict with
+    ``images`` (N, size, size, 3) uint8, ``labels`` (N,) class index, ``split`` (N,)
+    0 = train / 1 = val, and ``class_names`` (30,)."""
+    if size < 8:
+        raise InputError(f"image size must be >= 8 pixels; got {size}")
+    images, labels, splits = [], [], []
+    names = None
+    for number, split in enumerate(("train", "val")):
+        folder = tiny_imagenet(split, root=root)
+        names = folder.class_names
+        for path, label in folder.samples:
+            try:
+                with Image.open(path) as image:
+                    images.append(np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)))
+            except OSError as exc:
+                raise InputError(f"cannot read image {path}: {exc}") from exc
+            labels.append(label)
+            splits.append(number)
+    return {"images": np.stack(images).astype(np.uint8), "labels": np.asarray(labels, dtype=np.int64),
+            "split": np.asarray(splits, dtype=np.int64), "class_names": np.asarray(names)}

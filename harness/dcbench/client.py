@@ -14,7 +14,7 @@ embeddings), ``test_slices`` (``id``, ``slices``: ground-truth membership) and `
 - **K-Means** on the activations and the **confusion-matrix** baseline;
 
 fits every method on the validation split, scores the test split, and evaluates with
-:mod:`harness.benchmark.metrics` (dcbench's own definitions).
+:mod:`harness.dcbench.metrics` (dcbench's own definitions).
 
 Where the data comes from: dcbench's config (``DCBENCH_CONFIG`` names its YAML; its
 ``local_dir`` is where artifacts live, default ``~/.dcbench``). An artifact already in
@@ -46,8 +46,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from harness.baselines import ConfusionSlicer, DominoSlicer, KMeansSlicer
-from harness.benchmark.metrics import slice_metrics
 from harness.compat import import_dcbench, load_dcbench_model_file, load_dcbench_panel, load_dcbench_yaml
+from harness.dcbench.methods import DCBENCH_INFEMBED, InfEmbedConfig, embedding_slice_scores
+from harness.dcbench.metrics import slice_metrics
 from harness.embed import InfluenceEmbedder
 from harness.errors import InputError
 
@@ -315,17 +316,6 @@ def influence_embeddings(problem: DcbenchProblem, *, arnoldi_dim: int = 500, emb
     return embedder.transform(val_loader), embedder.transform(loader(problem.test_activations, problem.test_targets))
 
 
-@dataclass
-class InfEmbedConfig:
-    """InfEmbed's settings on dcbench: influence embeddings, then K-Means (see :class:`KMeansSlicer`)."""
-
-    arnoldi_dim: int = 500
-    embedding_dim: int = 100
-    n_clusters: int = 25
-    selection: str = "accuracy"
-    scoring: str = "distance"
-
-
 def run_dcbench_problem(
     problem_id: str,
     *,
@@ -339,7 +329,7 @@ def run_dcbench_problem(
 ) -> dict[str, dict[str, float]]:
     """Runs the methods on one dcbench problem; returns ``{method: metrics}``.
 
-    Metrics per method (see :func:`harness.benchmark.metrics.slice_metrics`):
+    Metrics per method (see :func:`harness.dcbench.metrics.slice_metrics`):
     ``precision_at_10``, ``precision_at_25``, ``auroc`` (dcbench's ``evaluate``),
     ``best_precision_at_10``, ``best_precision_at_25`` (the Domino paper's variant).
     ``n_slices`` defaults to the problem's ``n_pred_slices``. Methods: ``infembed``
@@ -353,7 +343,7 @@ def run_dcbench_problem(
         raise InputError(f"methods must be a non-empty subset of {METHODS}; got {list(methods)}")
     problem = load_problem(problem_id, remote_url=remote_url, local_dir=local_dir, progress=progress)
     n_slices = problem.n_pred_slices if n_slices is None else n_slices
-    config = infembed or InfEmbedConfig()
+    config = infembed or DCBENCH_INFEMBED
 
     def evaluate(slicer, val_embeddings, test_embeddings) -> dict[str, float]:
         slicer.fit(val_embeddings, problem.val_targets, problem.val_probs)
@@ -365,8 +355,9 @@ def run_dcbench_problem(
         if method == "infembed":
             val_emb, test_emb = influence_embeddings(problem, arnoldi_dim=config.arnoldi_dim,
                                                      embedding_dim=config.embedding_dim, seed=seed, progress=progress)
-            slicer = KMeansSlicer(n_slices, config.n_clusters, config.selection, config.scoring, seed=seed)
-            results[method] = evaluate(slicer, val_emb, test_emb)
+            scores = embedding_slice_scores(config, val_emb, problem.val_targets, problem.val_probs, test_emb,
+                                            problem.test_targets, problem.test_probs, n_slices)
+            results[method] = slice_metrics(problem.test_slices, scores)
         elif method == "domino_clip":
             results[method] = evaluate(DominoSlicer(n_slices, seed=seed, progress=progress),
                                        problem.val_clip, problem.test_clip)

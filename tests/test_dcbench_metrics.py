@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.benchmark.metrics import pairwise_metrics, per_slice_metrics, precision_at_k, slice_metrics
+from harness.dcbench.metrics import pairwise_metrics, per_slice_metrics, precision_at_k, slice_metrics
 from harness.compat import legacy_stack_available
 from harness.errors import InputError
 
@@ -87,7 +87,7 @@ def test_equals_dcbench_evaluate(tmp_path):
     """Our numbers equal dcbench's SliceDiscoveryProblem.evaluate on the same predictions."""
     import meerkat as mk
 
-    from harness.benchmark.dcbench import _dcbench_config
+    from harness.dcbench.client import _dcbench_config
     from harness.compat import import_dcbench
 
     dcbench = import_dcbench()
@@ -114,3 +114,32 @@ def test_equals_dcbench_evaluate(tmp_path):
                                   their_table["pred_slice_idx"].to_numpy())
             compared += 1
     assert compared == 6
+
+
+def test_cluster_bootstrap_resamples_slices_not_reseeds():
+    """Ten re-seeds of each of two slices are two units, not twenty: the interval is wide."""
+    from harness.dcbench.metrics import cluster_bootstrap
+
+    values = np.r_[np.full(10, 1.0), np.full(10, 0.0)] + np.random.default_rng(0).normal(0, 0.01, 20)
+    clusters = np.repeat(["a", "b"], 10)
+    mean, low, high = cluster_bootstrap(values, clusters)
+    assert abs(mean - 0.5) < 0.01
+    assert low < 0.05 and high > 0.95  # a naive t-interval over 20 problems would be about +-0.24
+    independent = cluster_bootstrap(values, np.arange(20).astype(str))
+    assert independent[2] - independent[1] < 0.6
+    assert np.isnan(cluster_bootstrap(values, np.repeat("a", 20))[1])  # one slice: no interval
+    assert cluster_bootstrap(np.append(values, np.nan), np.append(clusters, "a")) == (mean, low, high)  # NaN dropped
+    with pytest.raises(InputError, match="one length"):
+        cluster_bootstrap(values, clusters[:5])
+
+
+def test_paired_comparison_counts_and_decides():
+    from harness.dcbench.metrics import paired_comparison
+
+    clusters = np.repeat(np.arange(10), 2)
+    a = np.full(20, 0.8)
+    b = np.r_[np.full(18, 0.5), 0.8, 0.9]
+    result = paired_comparison(a, b, clusters)
+    assert (result["wins"], result["ties"], result["losses"]) == (18, 1, 1)
+    assert result["decided"] and result["low"] > 0 and abs(result["difference"] - (a - b).mean()) < 1e-12
+    assert not paired_comparison(a, a, clusters)["decided"]

@@ -49,7 +49,7 @@ if dcbench is not None:
 def fixture_problem(tmp_path_factory):
     """A dcbench-style "rare" problem on real digits: label = digit >= 5, and 8s are left out
     of training, so the model errs on the test 8s (the ground-truth slice)."""
-    from harness.benchmark.dcbench import export_remote_layout, write_problem
+    from harness.dcbench.client import export_remote_layout, write_problem
 
     pixels, digit = load_digits(return_X_y=True)
     order = np.random.RandomState(0).permutation(len(digit))
@@ -124,7 +124,7 @@ def test_fixture_is_a_real_slice_problem(fixture_problem):
 
 
 def test_run_dcbench_problem_downloads_and_evaluates(fixture_problem, serve, tmp_path):
-    from harness.benchmark.dcbench import METHODS, InfEmbedConfig, list_problems, load_problem, run_dcbench_problem
+    from harness.dcbench.client import METHODS, InfEmbedConfig, list_problems, load_problem, run_dcbench_problem
 
     url = serve(fixture_problem["remote"])
     cache = tmp_path / "cache"
@@ -155,8 +155,8 @@ def test_confusion_baseline_equals_dcbench_confusion_sdm(fixture_problem):
     from dcbench.tasks.slice_discovery import confusion_sdm
 
     from harness.baselines import ConfusionSlicer
-    from harness.benchmark.dcbench import _dcbench_config, load_problem
-    from harness.benchmark.metrics import slice_metrics
+    from harness.dcbench.client import _dcbench_config, load_problem
+    from harness.dcbench.metrics import slice_metrics
 
     with _dcbench_config(fixture_problem["local"]) as config:
         with open(f"{config.local_dir}/slice_discovery/problems.yaml") as handle:
@@ -170,7 +170,7 @@ def test_confusion_baseline_equals_dcbench_confusion_sdm(fixture_problem):
 
 
 def test_offline_without_mirror_is_a_clear_error_and_writes_nothing(tmp_path, serve):
-    from harness.benchmark.dcbench import DcbenchUnavailable, load_problem
+    from harness.dcbench.client import DcbenchUnavailable, load_problem
 
     (tmp_path / "empty-bucket").mkdir()
     url = serve(tmp_path / "empty-bucket")  # a server with nothing on it
@@ -181,7 +181,7 @@ def test_offline_without_mirror_is_a_clear_error_and_writes_nothing(tmp_path, se
 
 
 def test_failed_artifact_download_leaves_no_partial_file(fixture_problem, serve, tmp_path):
-    from harness.benchmark.dcbench import DcbenchUnavailable, load_problem
+    from harness.dcbench.client import DcbenchUnavailable, load_problem
 
     bucket = tmp_path / "bucket"
     shutil.copytree(fixture_problem["remote"], bucket)
@@ -194,7 +194,7 @@ def test_failed_artifact_download_leaves_no_partial_file(fixture_problem, serve,
 
 
 def test_unknown_problem_and_method(fixture_problem):
-    from harness.benchmark.dcbench import load_problem, run_dcbench_problem
+    from harness.dcbench.client import load_problem, run_dcbench_problem
 
     with pytest.raises(InputError, match="no dcbench slice-discovery problem 'nope'"):
         load_problem("nope", local_dir=fixture_problem["local"], progress=False)
@@ -203,7 +203,7 @@ def test_unknown_problem_and_method(fixture_problem):
 
 
 def test_activation_maps_are_pooled_and_must_fit_the_head():
-    from harness.benchmark.dcbench import _pooled, final_linear_layer
+    from harness.dcbench.client import _pooled, final_linear_layer
 
     model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 3)))
     head = final_linear_layer(model)

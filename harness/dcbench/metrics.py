@@ -112,3 +112,57 @@ def slice_metrics(slices, pred_slices, ks: tuple[int, ...] = PRECISION_KS) -> di
         values = table[column].to_numpy(dtype=np.float64)
         out[column] = float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
     return out
+
+
+# ---------------------------------------------------------------- statistics over problems
+def cluster_bootstrap(values, clusters, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+                      ) -> tuple[float, float, float]:
+    """Mean of ``values`` and its bootstrap interval, resampling *clusters* (distinct
+    ground-truth slices) with replacement and then the values (problems) inside each drawn
+    cluster: problems that re-seed one slice are not independent, so the interval must not
+    treat them as such. Returns (mean, low, high); NaN values are dropped, a single cluster
+    gives a NaN interval."""
+    values = np.asarray(values, dtype=np.float64)
+    clusters = np.asarray(clusters)
+    if values.shape != clusters.shape or values.ndim != 1:
+        raise InputError(f"values and clusters must be 1-D of one length; got {values.shape} and {clusters.shape}")
+    if not 0 < confidence < 1:
+        raise InputError(f"confidence must be in (0, 1); got {confidence}")
+    keep = ~np.isnan(values)
+    values, clusters = values[keep], clusters[keep]
+    if values.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(values.mean())
+    names, inverse = np.unique(clusters, return_inverse=True)
+    if len(names) < 2:
+        return mean, float("nan"), float("nan")
+    sizes = np.bincount(inverse)
+    padded = np.zeros((len(names), sizes.max()))
+    for c in range(len(names)):
+        padded[c, : sizes[c]] = values[inverse == c]
+    rng = np.random.default_rng(seed)
+    picked = rng.integers(0, len(names), size=(n_boot, len(names)))
+    n = sizes[picked]  # (B, S) problems in each drawn cluster
+    within = (rng.random((n_boot, len(names), sizes.max())) * n[..., None]).astype(np.int64)
+    mask = np.arange(sizes.max())[None, None, :] < n[..., None]
+    drawn = padded[picked[..., None], within]
+    means = (drawn * mask).sum(axis=(1, 2)) / mask.sum(axis=(1, 2))
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return mean, float(low), float(high)
+
+
+def paired_comparison(a, b, clusters, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Method ``a`` against ``b`` on the same problems: the mean paired difference a - b
+    with its cluster-bootstrap 95% interval (:func:`cluster_bootstrap`), whether the
+    interval excludes 0, and win / tie / loss counts of a. Problems where either is NaN
+    are dropped."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise InputError(f"a and b must have one shape; got {a.shape} and {b.shape}")
+    difference = a - b
+    mean, low, high = cluster_bootstrap(difference, clusters, n_boot=n_boot, seed=seed)
+    kept = difference[~np.isnan(difference)]
+    return {"difference": mean, "low": low, "high": high,
+            "decided": bool(np.isfinite(low) and (low > 0 or high < 0)),
+            "wins": int((kept > 0).sum()), "ties": int((kept == 0).sum()), "losses": int((kept < 0).sum())}

@@ -1,1 +1,0 @@
-"""Slice-discovery benchmarks: metrics (dcbench's definitions), the real dcbench, the offline mini-dcbench."""
