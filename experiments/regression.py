@@ -99,13 +99,18 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def suite_data(name: str) -> tuple[str, ...]:
+    """The shared datasets a suite's frozen fixtures were made on: "digits" is MNIST when the
+    shared data has it (its scikit-learn fallback is exercised by tests/test_no_shared_data.py)."""
+    return SUITES[name][1] or ("mnist",)
+
+
 def suite_names() -> list[str]:
-    """The suites that need shared data (the digits fallback is exercised by its own test)."""
-    return [name for name, (_, needs, _) in SUITES.items() if needs]
+    return list(SUITES)
 
 
 def available_suites() -> list[str]:
-    return [name for name in suite_names() if all(has_dataset(d) for d in SUITES[name][1])]
+    return [name for name in suite_names() if all(has_dataset(d) for d in suite_data(name))]
 
 
 def build_suite(name: str) -> Suite:
@@ -206,6 +211,7 @@ def precision_drops(baseline: dict[str, float], now: dict[str, float],
 
 
 def baseline_path(suite_name: str):
+    """The baselines of one suite, by its name (``Suite.name``: "mnist" for the digits suite on MNIST)."""
     return BASELINE_DIR / f"{suite_name}.json"
 
 
@@ -267,8 +273,8 @@ def update(names: list[str]) -> None:
                        "infembed": asdict(TABLE1_INFEMBED), "means": cell_means(score_runs(frozen)),
                        "statistics": statistics_of(runs), "torch": torch.__version__,
                        "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-            atomic_write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", baseline_path(name))
-            print(f"wrote {baseline_path(name)}, a trunk and {len(runs)} heads in {FIXTURE_DIR / name}")
+            atomic_write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", baseline_path(suite.name))
+            print(f"wrote {baseline_path(suite.name)}, a trunk and {len(runs)} heads in {FIXTURE_DIR / suite.name}")
 
 
 def measure(names: list[str]) -> dict:
@@ -280,10 +286,10 @@ def measure(names: list[str]) -> dict:
     with temporary_cache(), single_thread():
         for name in names:
             suite = build_suite(name)
-            out["frozen_means"][name] = cell_means(score_runs(frozen_runs(suite)))
+            out["frozen_means"][suite.name] = cell_means(score_runs(frozen_runs(suite)))
             fresh = fresh_runs(suite)
-            out["fresh_means"][name] = cell_means(score_runs(fresh))
-            out["fresh_statistics"][name] = statistics_of(fresh)
+            out["fresh_means"][suite.name] = cell_means(score_runs(fresh))
+            out["fresh_statistics"][suite.name] = statistics_of(fresh)
     return out
 
 

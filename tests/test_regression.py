@@ -20,7 +20,6 @@ import pytest
 from experiments import regression
 from harness.baselines import DominoSlicer
 from harness.dcbench import runner
-from harness.dcbench.suites import SUITES
 from harness.errors import InputError
 from harness.paths import has_dataset
 
@@ -32,7 +31,7 @@ BREAK_SUITE = "ecg"
 
 
 def need_data(name: str) -> None:
-    missing = [d for d in SUITES[name][1] if not has_dataset(d)]
+    missing = [d for d in regression.suite_data(name) if not has_dataset(d)]
     if missing:
         pytest.skip(f"shared data absent ({', '.join(missing)}): the regression baselines were measured on it")
 
@@ -52,24 +51,34 @@ def frozen_runs():
     return get
 
 
-def drops_now(runs, name):
+def drops_now(runs):
     with regression.single_thread():
         now = regression.cell_means(regression.score_runs(runs))
-    return regression.precision_drops(regression.load_baseline(name)["means"], now)
+    return regression.precision_drops(regression.load_baseline(runs[0].suite.name)["means"], now)
 
 
 @pytest.mark.parametrize("name", SUITE_NAMES)
 def test_no_precision_drop_on_frozen_models(frozen_runs, name):
-    drops = drops_now(frozen_runs(name), name)
+    drops = drops_now(frozen_runs(name))
     assert not drops, f"precision@10 dropped by more than {regression.TOLERANCE} (baseline, now): {drops}"
 
 
+@pytest.fixture(scope="module")
+def fresh_cache():
+    """One empty cache for the module's fresh-training tests (the X-ray suite reuses the
+    Tiny-ImageNet trunk pretrained by the test before it), never the user's."""
+    with regression.temporary_cache() as folder:
+        yield folder
+
+
 @pytest.mark.parametrize("name", SUITE_NAMES)
-def test_fresh_training_keeps_accuracy_and_slice_statistics(name):
+def test_fresh_training_keeps_accuracy_and_slice_statistics(fresh_cache, name, monkeypatch):
     need_data(name)
-    with regression.temporary_cache(), regression.single_thread():
-        now = regression.fresh_statistics(regression.build_suite(name))
-    outside = regression.statistics_outside_band(regression.load_baseline(name)["statistics"], now)
+    monkeypatch.setenv("INFEMBED_CACHE", fresh_cache)
+    with regression.single_thread():
+        suite = regression.build_suite(name)
+        now = regression.fresh_statistics(suite)
+    outside = regression.statistics_outside_band(regression.load_baseline(suite.name)["statistics"], now)
     assert not outside, f"fresh training outside the statistics' bands (frozen, fresh): {outside}"
 
 
@@ -89,7 +98,7 @@ def test_regression_catches_infembed_on_noise(frozen_runs, monkeypatch):
         return rng.standard_normal(val.shape).astype(np.float32), rng.standard_normal(test.shape).astype(np.float32), info
 
     monkeypatch.setattr(runner, "infembed_embeddings", noise)
-    own, others = broken_cells(drops_now(runs, BREAK_SUITE), "InfEmbed")
+    own, others = broken_cells(drops_now(runs), "InfEmbed")
     assert own, "InfEmbed on noise was not caught by the regression"
     assert not others, f"other methods flagged by an InfEmbed-only break: {others}"
 
@@ -99,7 +108,7 @@ def test_regression_catches_domino_without_error_weighting(frozen_runs, monkeypa
     runs = frozen_runs(BREAK_SUITE)
     unweighted = functools.partial(DominoSlicer, y_log_likelihood_weight=0.0, y_hat_log_likelihood_weight=0.0)
     monkeypatch.setattr(runner, "DominoSlicer", unweighted)
-    own, others = broken_cells(drops_now(runs, BREAK_SUITE), "Domino")
+    own, others = broken_cells(drops_now(runs), "Domino")
     assert own, "Domino without error weighting was not caught by the regression"
     assert not others, f"other methods flagged by a Domino-only break: {others}"
 

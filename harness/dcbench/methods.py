@@ -99,8 +99,11 @@ def influence_embeddings(head: nn.Module, config: InfEmbedConfig, fit: tuple[np.
     n_params = sum(p.numel() for n, p in head.named_parameters()
                    if chosen is None or any(n.startswith(f"{layer}.") or n == layer for layer in chosen))
     arnoldi_dim = min(config.arnoldi_dim, n_params)
+    # Plain Arnoldi (block size 1), the paper's FactorHessian: "auto" would take blocks of 4 at
+    # P = 10 D, which span another Krylov space and so move slices, and results/ was made with it.
     embedder = InfluenceEmbedder(head, layers=chosen, arnoldi_dim=arnoldi_dim,
-                                 embedding_dim=min(config.embedding_dim, arnoldi_dim), seed=config.seed, progress=False)
+                                 embedding_dim=min(config.embedding_dim, arnoldi_dim), seed=config.seed, progress=False,
+                                 block_size=1)
     with warnings.catch_warnings():
         # Fewer than D positive eigenpairs is recorded in n_components, not warned about per problem.
         warnings.simplefilter("ignore", UserWarning)
