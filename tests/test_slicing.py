@@ -1,19 +1,26 @@
-"""Slices: K-Means, InfEmbed-Rule (Algorithm 6), opponents, Lemma 1, summaries."""
+"""Slices: K-Means, InfEmbed-Rule (Algorithm 6), opponents (against leave-one-out retraining), Lemma 1, summaries."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from harness import (
     InfluenceEmbedder,
     InputError,
     kmeans_slices,
     rule_slices,
+    slice_influence,
     slice_opponents,
     slice_proponents,
     summarize_slices,
 )
+from harness.hessian import select_parameters
+
+from conftest import Problem, _digits as digits, explicit_gradients, explicit_hessian
+from test_embed_exact import _top_pinv
 
 
 def _blob(rng, centre, n, spread=0.05):
@@ -124,16 +131,108 @@ def test_opponents_equal_brute_force_influence_sums(digit_embeddings):
     assert pro_scores[0] >= pro_scores[-1] and got[0] <= got[-1]
 
 
-def test_lemma_1_holds(digit_embeddings):
-    """||E(z_i) - E(z_j)||^2 <= C ||mu_i - mu_j||^2 with C = sum_n ||mu(z'_n)||^2, for all test pairs."""
-    train, test, _ = digit_embeddings
-    train, test = train.astype(np.float64), test.astype(np.float64)
-    explanations = test @ train.T  # E(z) = (I(z'_n, z))_n
-    c = (train**2).sum()
+def _float64_embeddings(embedder, loader):
+    """Embeddings as gradients @ projection_ in float64 (transform rounds them to float32)."""
+    return (torch.cat(list(embedder.gradients(loader))) @ embedder.projection_).numpy()
+
+
+def test_lemma_1_holds_for_explicit_influence_explanations(mlp64):
+    """Lemma 1: ||E(z_i) - E(z_j)||^2 <= C ||mu_i - mu_j||^2, C = sum_n ||mu(z'_n)||^2, for all test pairs.
+
+    E(z) = (I(z'_n, z))_n is built from explicit per-example gradients and the explicit top-D
+    pseudo-inverse of the explicit Hessian, never from the embeddings, so the inequality ties
+    the embedder's geometry to the influences it claims to encode (a wrong scaling breaks it)."""
+    model, d = mlp64.model, 20
+    names = list(select_parameters(model, None).names)
+    hessian = explicit_hessian(model, *mlp64.train, names).numpy()
+    _, pinv = _top_pinv(hessian, d)
+    g_train = explicit_gradients(model, *mlp64.train, names).numpy()
+    g_test = explicit_gradients(model, *mlp64.test, names).numpy()
+    explanations = g_test @ pinv @ g_train.T
+
+    embedder = InfluenceEmbedder(model, arnoldi_dim=len(hessian), embedding_dim=d, progress=False)
+    embedder.fit(mlp64.loader("train"))
+    mu_train = _float64_embeddings(embedder, mlp64.loader("train"))
+    mu_test = _float64_embeddings(embedder, mlp64.loader("test"))
+    c = (mu_train**2).sum()
     lhs = ((explanations[:, None, :] - explanations[None, :, :]) ** 2).sum(-1)
-    rhs = c * ((test[:, None, :] - test[None, :, :]) ** 2).sum(-1)
-    assert (lhs <= rhs * (1 + 1e-9) + 1e-12).all()
-    assert lhs.max() > 0
+    rhs = c * ((mu_test[:, None, :] - mu_test[None, :, :]) ** 2).sum(-1)
+    off_diagonal = ~np.eye(len(mu_test), dtype=bool)
+    assert lhs[off_diagonal].min() > 0
+    assert (lhs <= rhs * (1 + 1e-8)).all()
+
+
+# ------------------------------------------------------------------ opponents against retraining
+L2 = 1e-2  # strong enough that removing one example moves the optimum almost linearly
+
+
+def _fit_regularised(model, x, y, keep, n):
+    """Minimises sum_{i in keep} CE_i / n + L2 ||theta||^2: removing example j is up-weighting it by
+    -1/n, the perturbation influence functions linearise (the Hessian is that of the full objective)."""
+    opt = torch.optim.LBFGS(
+        model.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[keep]), y[keep], reduction="sum") / n
+        loss = loss + L2 * sum((p**2).sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model
+
+
+def test_opponents_lower_and_proponents_raise_the_slice_loss_when_removed():
+    """Leave-one-out retraining of an L2-regularised softmax regression: removing a top opponent of a
+    slice lowers its loss, removing a top proponent raises it, and the predicted change
+    (slice influence / N) tracks the actual one."""
+    train, test = digits(12, 4, torch.float64)
+    (x, y), (x_test, y_test) = train, test
+    n = len(y)
+    torch.manual_seed(0)
+    model = _fit_regularised(nn.Linear(12, 4).double(), x, y, torch.ones(n, dtype=torch.bool), n)
+    problem = Problem(model, train, test)
+    n_params = sum(p.numel() for p in model.parameters())
+    # the regulariser's Hessian 2 L2 I enters as damping; softmax regression's null space (shifting
+    # every class equally) is orthogonal to every gradient, so dropping it is exact
+    embedder = InfluenceEmbedder(model, arnoldi_dim=n_params, embedding_dim=n_params, damping=2 * L2, progress=False)
+    with pytest.warns(UserWarning, match="kept"):
+        embedder.fit(problem.loader("train"))
+    mu_train = embedder.transform(problem.loader("train")).astype(np.float64)
+    mu_test = embedder.transform(problem.loader("test")).astype(np.float64)
+
+    with torch.no_grad():
+        correct = (model(x_test).argmax(1) == y_test).numpy()
+    ids, _ = kmeans_slices(mu_test, 3, seed=0)
+    members = np.flatnonzero(ids == np.argmin([correct[ids == k].mean() for k in range(3)]))
+    assert correct[members].mean() < 0.9  # a slice the model gets wrong
+
+    def slice_loss(m):
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(m(x_test[members]), y_test[members], reduction="sum"))
+
+    def loss_change_without(j):
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[j] = False
+        retrained = nn.Linear(12, 4).double()
+        retrained.load_state_dict(model.state_dict())  # warm start at the full-data optimum
+        return slice_loss(_fit_regularised(retrained, x, y, keep, n)) - slice_loss(model)
+
+    k = 6
+    opponents, _ = slice_opponents(mu_train, mu_test[members], k=k)
+    proponents, _ = slice_proponents(mu_train, mu_test[members], k=k)
+    others = np.random.default_rng(0).choice(np.setdiff1d(np.arange(n), np.r_[opponents, proponents]), k, replace=False)
+    removed = np.r_[opponents, proponents, others]
+    actual = np.array([loss_change_without(j) for j in removed])
+    assert (actual[:k] < 0).all(), "removing an opponent must lower the slice's loss"
+    assert (actual[k : 2 * k] > 0).all(), "removing a proponent must raise the slice's loss"
+    predicted = slice_influence(mu_train, mu_test[members])[removed] / n
+    assert np.corrcoef(predicted, actual)[0, 1] > 0.99
+    slope = np.polyfit(predicted, actual, 1)[0]  # first order: 1 up to the curvature of large removals
+    assert 0.85 < slope < 1.35
 
 
 def test_summary_table(digit_embeddings):
