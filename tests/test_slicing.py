@@ -275,6 +275,9 @@ def test_summary_by_hand():
     by_id = summarize_slices(ids, embeddings, labels, predictions)
     assert by_id["members"].tolist() == [[0, 1, 2], [5, 6, 7]] and by_id["slice"].tolist() == [0, 1]
     assert summarize_slices([np.array([], dtype=np.int64)], embeddings, labels, predictions).empty
+    # index arrays read back as floats (e.g. from a CSV) are indices all the same
+    as_floats = summarize_slices([np.array([3.0, 4.0])], embeddings, labels, predictions)
+    assert as_floats["members"].tolist() == [[3, 4]]
 
 
 def test_sizes_are_tied_by_size_when_accuracy_ties():
@@ -363,6 +366,8 @@ def test_top_one_opponent_and_k_beyond_the_training_set():
         (lambda e: slice_opponents(e, e[:, :2], 3), "train_embeddings have 4 dimensions"),
         (lambda e: slice_opponents(e, e, 0), "k must be"),
         (lambda e: summarize_slices(np.zeros(len(e), int), e, np.zeros(3), np.zeros(len(e))), "mismatched lengths"),
+        (lambda e: summarize_slices(np.zeros(len(e) - 1, int), e, np.zeros(len(e)), np.zeros(len(e))),
+         r"mismatched lengths: slice ids has shape \(19,\)"),
         (lambda e: kmeans_slices(e[:0], 1), "embeddings is empty"),
         (lambda e: kmeans_slices(e, 0), "n_slices must be a positive integer"),
         (lambda e: rule_slices(e, np.ones((len(e), 1), bool), 0.4, 5), "mismatched lengths"),
