@@ -280,6 +280,20 @@ def test_summary_by_hand():
     assert as_floats["members"].tolist() == [[3, 4]]
 
 
+def test_summary_defaults_and_many_tied_classes():
+    """Four nearest examples by default; classes of equal count keep label order even with many
+    classes (a stable sort: numpy's quicksort reorders ties in arrays longer than 16)."""
+    counts = np.random.default_rng(0).integers(1, 4, size=30)
+    labels = np.repeat(np.arange(30), counts)
+    n = len(labels)
+    frame = summarize_slices([np.arange(n)], np.arange(n, dtype=float)[:, None], labels, labels)
+    row = frame.iloc[0]
+    expected = sorted(range(30), key=lambda c: -counts[c])  # Python's sort is stable
+    assert list(row["label_distribution"]) == expected and row["top_label"] == expected[0]
+    assert row["label_distribution"][expected[-1]] == round(1 / n, 4)
+    assert len(row["nearest"]) == 4
+
+
 def test_sizes_are_tied_by_size_when_accuracy_ties():
     embeddings = np.arange(5, dtype=float)[:, None]
     labels = np.zeros(5, dtype=int)
