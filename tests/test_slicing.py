@@ -256,7 +256,7 @@ def test_summary_table(digit_embeddings):
 def test_summary_by_hand():
     """Exact rows on a hand-made case: shares rounded to 4 places, nearest examples, empty slices
     skipped (not ending the table), ties in accuracy broken by size (larger first)."""
-    embeddings = np.array([[0.0], [1.0], [2.0], [10.0], [11.0], [20.0], [21.0], [22.0]])
+    embeddings = np.array([[0.0], [1.0], [2.0], [10.0], [11.0], [20.0], [21.0], [22.0]]) * [[1.0, 0.0]]
     labels = np.array([0, 0, 1, 1, 1, 2, 2, 0])
     predictions = np.array([0, 1, 1, 0, 0, 2, 1, 0])
     slices = [np.array([0, 1, 2]), np.array([], dtype=np.int64), np.array([3, 4]), np.array([5, 6, 7])]
@@ -283,15 +283,18 @@ def test_summary_by_hand():
 def test_summary_defaults_and_many_tied_classes():
     """Four nearest examples by default; classes of equal count keep label order even with many
     classes (a stable sort: numpy's quicksort reorders ties in arrays longer than 16)."""
-    counts = np.random.default_rng(0).integers(1, 4, size=30)
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 4, size=30)
     labels = np.repeat(np.arange(30), counts)
     n = len(labels)
-    frame = summarize_slices([np.arange(n)], np.arange(n, dtype=float)[:, None], labels, labels)
+    embeddings = rng.integers(0, 3, size=(n, 1)).astype(float)  # three values: distances tie everywhere
+    frame = summarize_slices([np.arange(n)], embeddings, labels, labels)
     row = frame.iloc[0]
     expected = sorted(range(30), key=lambda c: -counts[c])  # Python's sort is stable
     assert list(row["label_distribution"]) == expected and row["top_label"] == expected[0]
     assert row["label_distribution"][expected[-1]] == round(1 / n, 4)
-    assert len(row["nearest"]) == 4
+    centre = embeddings.mean()
+    assert row["nearest"] == sorted(range(n), key=lambda i: abs(embeddings[i, 0] - centre))[:4]
 
 
 def test_sizes_are_tied_by_size_when_accuracy_ties():
@@ -379,9 +382,12 @@ def test_top_one_opponent_and_k_beyond_the_training_set():
         (lambda e: rule_slices(e, np.full(len(e), 3), 0.4, 5), "correct must be boolean"),
         (lambda e: slice_opponents(e, e[:, :2], 3), "train_embeddings have 4 dimensions"),
         (lambda e: slice_opponents(e, e, 0), "k must be"),
-        (lambda e: summarize_slices(np.zeros(len(e), int), e, np.zeros(3), np.zeros(len(e))), "mismatched lengths"),
+        (lambda e: summarize_slices(np.zeros(len(e), int), e, np.zeros(3), np.zeros(len(e))),
+         r"mismatched lengths: labels has shape \(3,\)"),
         (lambda e: summarize_slices(np.zeros(len(e) - 1, int), e, np.zeros(len(e)), np.zeros(len(e))),
          r"mismatched lengths: slice ids has shape \(19,\)"),
+        (lambda e: summarize_slices(np.zeros(len(e), int), e, np.zeros(len(e)), np.zeros(3)),
+         r"mismatched lengths: predictions has shape \(3,\)"),
         (lambda e: kmeans_slices(e[:0], 1), "embeddings is empty"),
         (lambda e: kmeans_slices(e, 0), "n_slices must be a positive integer"),
         (lambda e: rule_slices(e, np.ones((len(e), 1), bool), 0.4, 5), "mismatched lengths"),
