@@ -269,7 +269,12 @@ def test_summary_by_hand():
     assert third["label_distribution"] == {"c": 0.6667, "a": 0.3333}
     assert third["top_label"] == "c" and third["top_label_share"] == 0.6667
     assert third["prediction_distribution"] == {"a": 0.3333, "b": 0.3333, "c": 0.3333}
-    assert third["top_prediction"] == "a"  # ties: the smaller class first
+    assert third["top_prediction"] == "a" and third["top_prediction_share"] == 0.3333  # ties: the smaller class
+    assert frame.columns.tolist() == [
+        "slice", "size", "accuracy", "n_errors", "top_label", "top_label_share", "top_prediction",
+        "top_prediction_share", "label_distribution", "prediction_distribution", "nearest", "members",
+    ]
+    assert frame.index.tolist() == [0, 1, 2]
     assert third["nearest"] == [6, 5] and third["members"] == [5, 6, 7] and third["n_errors"] == 1
     ids = np.array([0, 0, 0, -1, -1, 1, 1, 1])  # slice ids; -1 = in no slice
     by_id = summarize_slices(ids, embeddings, labels, predictions)
