@@ -346,6 +346,28 @@ def test_rule_tree_structure(hand_built):
     assert len(slices) == 1  # A = 1 is allowed and every region meets it
 
 
+def test_rule_defaults_are_branching_3_depth_10_seed_0(hand_built):
+    emb, correct, _ = hand_built
+    _, tree = rule_slices(emb, correct, 0.4, 20)
+    _, explicit = rule_slices(emb, correct, 0.4, 20, branching=3, max_depth=10, seed=0)
+    order = [c.size for c in tree.children]
+    assert order == [c.size for c in explicit.children] and sorted(order) == [10, 40, 66]
+    # the seed reaches K-Means: another seed labels the same clusters in another order
+    _, reseeded = rule_slices(emb, correct, 0.4, 20, seed=1)
+    assert [c.size for c in reseeded.children] != order
+    # a chain of points 4^i: every split peels off the farthest, one level per split, until depth 10
+    chain = (4.0 ** np.arange(14))[:, None]
+    _, deep = rule_slices(chain, np.ones(14, bool), 0.5, 1, branching=2)
+    assert max(n.depth for n in deep.walk()) == 10 and any(n.status == "max_depth" for n in deep.walk())
+
+
+def test_rule_accepts_0_1_integers_for_correct(hand_built):
+    emb, correct, _ = hand_built
+    as_bool, _ = rule_slices(emb, correct, 0.4, 20)
+    as_int, _ = rule_slices(emb, correct.astype(int), 0.4, 20)
+    assert [s.tolist() for s in as_int] == [s.tolist() for s in as_bool]
+
+
 def test_two_distinct_points_split_into_two():
     """A region with only two distinct embeddings is split into two clusters even when B = 3."""
     emb = np.array([[0.0, 0.0]] * 6 + [[1.0, 1.0]] * 6)
@@ -385,6 +407,7 @@ def test_top_one_opponent_and_k_beyond_the_training_set():
         (lambda e: rule_slices(e, np.ones(len(e) - 1, bool), 0.4, 5), "mismatched lengths"),
         (lambda e: rule_slices(e, np.ones(len(e)), 1.5, 5), "max_accuracy"),
         (lambda e: rule_slices(e, np.full(len(e), 3), 0.4, 5), "correct must be boolean"),
+        (lambda e: rule_slices(e, np.ones(len(e)), 1.01, 5), "max_accuracy must be in"),
         (lambda e: slice_opponents(e, e[:, :2], 3), "train_embeddings have 4 dimensions"),
         (lambda e: slice_opponents(e, e, 0), "k must be"),
         (lambda e: summarize_slices(np.zeros(len(e), int), e, np.zeros(3), np.zeros(len(e))),
@@ -395,7 +418,7 @@ def test_top_one_opponent_and_k_beyond_the_training_set():
          r"mismatched lengths: predictions has shape \(3,\)"),
         (lambda e: kmeans_slices(e[:0], 1), "embeddings is empty"),
         (lambda e: kmeans_slices(e, 0), "n_slices must be a positive integer"),
-        (lambda e: rule_slices(e, np.ones((len(e), 1), bool), 0.4, 5), "mismatched lengths"),
+        (lambda e: rule_slices(e, np.ones((len(e), 1), bool), 0.4, 5), r"mismatched lengths: correct has shape \(20, 1\)"),
         (lambda e: rule_slices(e, np.ones(len(e), bool), -0.1, 5), "max_accuracy must be in"),
         (lambda e: rule_slices(e, np.ones(len(e), bool), 0.4, 0), "min_size must be a positive integer"),
         (lambda e: rule_slices(e, np.ones(len(e), bool), 0.4, 5, branching=1), "branching must be an integer >= 2"),
