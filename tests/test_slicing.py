@@ -91,6 +91,9 @@ def test_rule_returns_root_whole_when_it_meets_the_rule(hand_built):
 def test_rule_handles_identical_embeddings():
     slices, tree = rule_slices(np.ones((30, 2)), np.ones(30, bool), 0.4, 5)
     assert slices == [] and tree.status == "unsplittable"
+    # identical rows whose coordinates differ: distinct rows count, not distinct numbers
+    _, tree = rule_slices(np.tile([0.0, 1.0], (30, 1)), np.ones(30, bool), 0.4, 5)
+    assert tree.status == "unsplittable"
 
 
 def test_same_seed_same_slices(hand_built):
@@ -322,6 +325,8 @@ def test_rule_boundaries_are_inclusive(hand_built):
     assert tree.status == "returned" and len(slices) == 1
     _, tree = rule_slices(emb[parts["C1"]], correct[parts["C1"]], 0.4, 31)
     assert tree.status == "too_small"
+    _, tree = rule_slices(emb[parts["C2"]], correct[parts["C2"]], 0.4, 30)  # accuracy 1: searched further
+    assert tree.status == "split"
 
 
 def test_rule_tree_structure(hand_built):
@@ -396,6 +401,8 @@ def test_top_one_opponent_and_k_beyond_the_training_set():
     idx, scores = slice_proponents(train, members, k=2)
     assert idx.tolist() == [2, 0] and scores.tolist() == [3.0, 1.0]
     np.testing.assert_array_equal(slice_influence(train, np.array([[1.0], [2.0]])), [3.0, -6.0, 9.0, -6.0])
+    many = np.arange(-6.0, 6.0)[:, None]  # 12 training examples: the default k is 10
+    assert len(slice_opponents(many, members)[0]) == 10 and len(slice_proponents(many, members)[0]) == 10
 
 
 @pytest.mark.parametrize(
