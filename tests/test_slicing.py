@@ -106,6 +106,13 @@ def test_same_seed_same_slices(hand_built):
     assert [s.tolist() for s in r1] == [s.tolist() for s in r2]
 
 
+def test_kmeans_default_seed_is_0(hand_built):
+    emb, _, _ = hand_built
+    default, _ = kmeans_slices(emb, 3)
+    np.testing.assert_array_equal(default, kmeans_slices(emb, 3, seed=0)[0])
+    assert (default != kmeans_slices(emb, 3, seed=1)[0]).any()  # the seed reaches K-Means (label order)
+
+
 def test_kmeans_distances_are_to_own_centroid(hand_built):
     emb, _, _ = hand_built
     ids, dist = kmeans_slices(emb, 3, seed=0)
@@ -415,7 +422,10 @@ def test_top_one_opponent_and_k_beyond_the_training_set():
         (lambda e: rule_slices(e, np.ones(len(e)), 1.5, 5), "max_accuracy"),
         (lambda e: rule_slices(e, np.full(len(e), 3), 0.4, 5), "correct must be boolean"),
         (lambda e: rule_slices(e, np.ones(len(e)), 1.01, 5), "max_accuracy must be in"),
-        (lambda e: slice_opponents(e, e[:, :2], 3), "train_embeddings have 4 dimensions"),
+        (lambda e: slice_opponents(e, e[:, :2], 3),
+         "train_embeddings have 4 dimensions but slice_embeddings 2: embed both with the same fitted InfluenceEmbedder$"),
+        (lambda e: slice_opponents(e * np.nan, e, 3), "train_embeddings contains non-finite values"),
+        (lambda e: slice_proponents(e, e[0], 3), "slice_embeddings must be a 2-D array"),
         (lambda e: slice_opponents(e, e, 0), "k must be"),
         (lambda e: summarize_slices(np.zeros(len(e), int), e, np.zeros(3), np.zeros(len(e))),
          r"mismatched lengths: labels has shape \(3,\)"),
