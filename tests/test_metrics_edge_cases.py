@@ -21,6 +21,12 @@ def test_precision_at_one_and_at_n():
     assert precision_at_k(members, scores, np.int64(3)) == pytest.approx(2 / 3)
 
 
+def test_precision_of_boolean_scores():
+    """Hard assignments passed as booleans rank like 0/1 scores."""
+    members = np.array([0, 1, 1, 0])
+    assert precision_at_k(members, np.array([False, True, True, False]), 2) == 1.0
+
+
 @pytest.mark.parametrize("k", [0, -1, True, 2.0])
 def test_precision_rejects_a_k_that_is_not_a_positive_integer(k):
     with pytest.raises(InputError, match="^k must be a positive integer"):

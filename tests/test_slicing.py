@@ -17,6 +17,7 @@ from harness import (
     slice_proponents,
     summarize_slices,
 )
+from harness import slicing
 from harness.hessian import select_parameters
 
 from conftest import Problem, _digits as digits, explicit_gradients, explicit_hessian
@@ -104,6 +105,17 @@ def test_same_seed_same_slices(hand_built):
     r1, _ = rule_slices(emb, correct, 0.4, 20, seed=7)
     r2, _ = rule_slices(emb, correct, 0.4, 20, seed=7)
     assert [s.tolist() for s in r1] == [s.tolist() for s in r2]
+
+
+def test_kmeans_runs_ten_restarts_and_returns_integer_ids(hand_built):
+    emb, _, _ = hand_built
+    assert slicing._kmeans(emb, 2, 0).n_init == slicing.KMEANS_N_INIT == 10
+    assert kmeans_slices(emb, 3)[0].dtype == np.int64
+
+
+def test_zero_width_embeddings_have_zero_influence():
+    """An embedding with no dimension is not an empty set of examples: its influences are 0."""
+    np.testing.assert_array_equal(slice_influence(np.zeros((3, 0)), np.zeros((2, 0))), np.zeros(3))
 
 
 def test_kmeans_default_seed_is_0(hand_built):
@@ -415,7 +427,7 @@ def test_top_one_opponent_and_k_beyond_the_training_set():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda e: kmeans_slices(e, 100), "n_slices"),
+        (lambda e: kmeans_slices(e, 100), r"n_slices \(100\) > number of examples \(20\)$"),
         (lambda e: kmeans_slices(e[:, :, None], 2), "embeddings must be a 2-D array"),
         (lambda e: kmeans_slices(np.where(e > 0.5, np.nan, e), 2), "embeddings contains non-finite values"),
         (lambda e: rule_slices(e, np.ones(len(e) - 1, bool), 0.4, 5), "mismatched lengths"),
