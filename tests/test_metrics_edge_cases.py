@@ -54,6 +54,15 @@ def test_a_slice_covering_every_example_is_undefined():
     assert slice_metrics(truth, scores)["auroc"] == pytest.approx(7 / 8)
 
 
+def test_an_empty_slice_is_undefined_and_a_single_member_slice_is_not():
+    truth = np.zeros((6, 2), dtype=int)
+    truth[2, 1] = 1  # slice 0 is empty, slice 1 has one member
+    scores = np.array([0.0, 0.1, 0.9, 0.2, 0.3, 0.4])[:, None]
+    table = per_slice_metrics(truth, scores, ks=(1,))
+    assert table.loc[0, ["auroc", "precision_at_1", "best_precision_at_1"]].isna().all()
+    assert table.loc[1, "auroc"] == 1.0 and table.loc[1, "precision_at_1"] == 1.0
+
+
 def test_nan_scores_make_every_pair_undefined_and_all_nan_averages_nan():
     truth = np.array([[1], [0], [1], [0]])
     scores = np.array([[0.3, 1.0], [np.nan, 0.0], [0.2, 1.0], [0.1, 0.0]])
