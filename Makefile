@@ -12,7 +12,7 @@ SOURCE ?= mini
 WORKERS ?= 2
 NPROC ?= 2
 
-.PHONY: install test data reproduce-table1 ablations update-regression bench embed-distributed report agnews imagenet boneage covid figures clean-cache
+.PHONY: install test data reproduce-table1 table1-kernel-spread ablations update-regression bench mutation embed-distributed report agnews imagenet boneage covid figures clean-cache
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,17 @@ update-regression: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# Mutation testing of the core against its fast tests (mutmut 3, configured in pyproject.toml's
+# [tool.mutmut]): score and surviving mutants -> results/mutation/, triage in tests/mutation_equivalents.toml.
+# All modules take many CPU hours; MUTANTS picks mutant-name globs, e.g. MUTANTS='harness.slicing.*'.
+# mutants/ keeps earlier results, so modules can be run one after another; rm -rf mutants to start afresh.
+MUTANTS ?= harness.slicing.* harness.dcbench.metrics.* harness.baselines.simple.* harness.hessian.* harness.embed.*
+MUTATION_JOBS ?= 2
+mutation: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[mutation]"
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
+	$(PY) tests/mutation_report.py --command "make mutation MUTANTS='$(MUTANTS)'"
 
 # The paper's case studies (offline defaults; ARGS="--device cuda" for the paper-scale configuration).
 agnews: $(STAMP)

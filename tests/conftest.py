@@ -81,8 +81,11 @@ def mlp32() -> Problem:
     return Problem(model, train, test)
 
 
-def explicit_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> torch.Tensor:
-    """Hessian of the mean cross-entropy w.r.t. the named parameters, formed explicitly."""
+def explicit_hessian(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Hessian of the mean (optionally per-example ``weights``-weighted) cross-entropy w.r.t. the named
+    parameters, formed explicitly."""
     from torch.func import functional_call, hessian
 
     params = dict(model.named_parameters())
@@ -96,7 +99,9 @@ def explicit_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
             out[n] = vec[start : start + size].view_as(chosen[n])
             start += size
         logits = functional_call(model, {**frozen, **out}, (x,))
-        return nn.functional.cross_entropy(logits, y)
+        if weights is None:
+            return nn.functional.cross_entropy(logits, y)
+        return (weights * nn.functional.cross_entropy(logits, y, reduction="none")).mean()
 
     vec = torch.cat([chosen[n].reshape(-1) for n in names])
     return hessian(flat_loss)(vec)

@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from harness.data.boneage import AGE_GROUPS, MID_PUBERTY, age_group, load_boneage, read_boneage_table
+from harness.data.boneage import (
+    AGE_GROUPS,
+    GROUP_STARTS_MONTHS,
+    MID_PUBERTY,
+    age_group,
+    load_boneage,
+    read_boneage_table,
+)
 from harness.errors import InputError
 
 
@@ -62,17 +69,28 @@ def test_missing_or_malformed_data_gives_a_clear_message(tmp_path):
         read_boneage_table(tmp_path / "sex.csv", images)
 
 
+def _ages_in_groups(groups, start):
+    """Rows (id, bone age, male) with one age inside each requested group, sexes alternating."""
+    rows = []
+    for i, group in enumerate(groups):
+        male = bool(i % 2)
+        bounds = (0,) + GROUP_STARTS_MONTHS["male" if male else "female"] + (228,)
+        rows.append((start + i, float((bounds[group] + bounds[group + 1]) // 2), male))
+    return rows
+
+
 def test_experiment_end_to_end_on_an_rsna_fixture(tmp_path, monkeypatch):
+    """A fixture built to contain a slice: two thirds of the training images are pre-puberty, so a
+    one-epoch model predicts pre-puberty; the test set has six images of every group, and the
+    injected class's six test images (all wrong, one label, so one region of the label-driven
+    influence embeddings) meet the rule whatever the noise in the pixels."""
     monkeypatch.setenv("INFEMBED_CACHE", str(tmp_path / "cache"))  # train and embed afresh
     from experiments import boneage_spurious
 
-    rng = np.random.default_rng(1)
-    # Ages spread over all five groups for both sexes.
-    def rows(start, n):
-        return [(start + i, float(rng.integers(6, 228)), bool(i % 2)) for i in range(n)]
-
-    train_csv, train_images = write_rsna_layout(tmp_path / "train", rows(1000, 60), seed=1)
-    test_csv, test_images = write_rsna_layout(tmp_path / "test", rows(5000, 30), seed=2)
+    majority = AGE_GROUPS.index("pre-puberty")
+    train_groups = [majority] * 40 + [g for g in range(5) if g != majority] * 5
+    train_csv, train_images = write_rsna_layout(tmp_path / "train", _ages_in_groups(train_groups, 1000), seed=1)
+    test_csv, test_images = write_rsna_layout(tmp_path / "test", _ages_in_groups(list(range(5)) * 6, 5000), seed=2)
     out = tmp_path / "out"
     summary = boneage_spurious.main([
         "--boneage-train-csv", str(train_csv), "--boneage-train-images", str(train_images),
@@ -82,20 +100,30 @@ def test_experiment_end_to_end_on_an_rsna_fixture(tmp_path, monkeypatch):
     ])
     assert summary["data"]["source"] == "RSNA Pediatric Bone Age"
     assert summary["data"]["injected_class"] == "early/mid-puberty"
+    assert summary["data"]["test_class_counts"].tolist() == [6] * 5
     assert [r["signal"] for r in summary["results"]] == ["none", "stripe"]
+    slices = pd.read_csv(out / "slices.csv")
     for result in summary["results"]:
         assert result["min_size_used"] == round(25 * 30 / 200)
-        if result["n_slices"]:
-            assert result["lowest_slice"]["accuracy"] <= result["max_accuracy_used"]
-            assert 0.0 <= result["lowest_slice"]["injected_class_share"] <= 1.0
-            assert result["opponents"]["k"] == 10
+        assert result["test_accuracy"] == pytest.approx(0.2)  # pre-puberty everywhere: 6 of 30 right
+        assert result["n_slices"] >= 1
+        lowest = result["lowest_slice"]
+        assert lowest["accuracy"] == 0.0 and lowest["prediction_distribution"] == {"pre-puberty": 1.0}
+        assert lowest["accuracy"] <= result["max_accuracy_used"] and lowest["size"] >= result["min_size_used"]
+        assert sum(lowest["label_distribution"].values()) == pytest.approx(1, abs=1e-3)
+        assert 0.0 <= lowest["injected_class_share"] <= 1.0
+        assert result["opponents"]["k"] == 10 and result["proponents"]["k"] == 10
+        rows = slices[slices["group"] == result["signal"]]
+        assert len(rows) == result["n_slices"]
+        assert rows["accuracy"].min() == pytest.approx(lowest["accuracy"], abs=1e-4)
     saved = json.loads((out / "summary.json").read_text())
     assert saved["results"] == json.loads(json.dumps(summary["results"]))
-    for name in ("figure4_injections.png", "findings.csv", "slices.csv"):
+    for name in ("figure4_injections.png", "figure5.png", "findings.csv", "slices.csv"):
         assert (out / name).stat().st_size > 0
     findings = pd.read_csv(out / "findings.csv")
     assert findings["signal"].tolist() == ["none", "stripe"]
     assert (findings["data"] == "RSNA Pediatric Bone Age").all()
+    assert (findings["n_slices"] >= 1).all() and findings["lowest_slice_accuracy"].notna().all()
 
 
 def test_experiment_rejects_a_partial_rsna_layout(tmp_path):
