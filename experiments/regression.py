@@ -66,8 +66,10 @@ PROBLEMS_PER_CELL = 3
 TOLERANCE = 0.05
 # Fresh training: a statistic may differ from the frozen model's by max(floor, flips / n), n the
 # examples it is computed over, so small test sets (X-rays: slices of about 10) may flip a few
-# predictions. Measured between kernel sets: kernel_spread.json.
-STATISTICS_BAND = {"accuracy": 0.03, "accuracy_in_slice": 0.15, "accuracy_outside_slice": 0.03,
+# predictions. Measured between kernel sets (kernel_spread.json): test accuracy moved by up to 0.034
+# (Tiny-ImageNet, 50 of 1,500 predictions: its trunk is retrained too), accuracy in the slice by up to
+# 4 predictions; a broken training loop or problem generator moves them far more.
+STATISTICS_BAND = {"accuracy": 0.07, "accuracy_in_slice": 0.25, "accuracy_outside_slice": 0.07,
                    "slice_share_of_errors": 0.15}
 BAND_FLIPS = {"accuracy": ("n_test", 8), "accuracy_in_slice": ("n_slice", 4),
               "accuracy_outside_slice": ("n_outside", 8), "slice_share_of_errors": ("n_errors", 8)}

@@ -4,7 +4,8 @@
   precision@10 of a suite may drop more than ``TOLERANCE`` below ``results/regression/<suite>.json``.
 * The same problems trained afresh: accuracy and slice statistics within their bands.
 * Tests of the test: InfEmbed fed noise instead of influence embeddings, and Domino without its
-  error weighting, must each be caught, and only in their own method's cells.
+  error weighting, must each be caught, and only in their own method's cells; an untrained model
+  must fail the fresh-training check.
 
 Everything runs in an empty temporary cache. Skips when the shared datasets are absent: the
 baselines were measured on them.
@@ -111,6 +112,18 @@ def test_regression_catches_domino_without_error_weighting(frozen_runs, monkeypa
     own, others = broken_cells(drops_now(runs), "Domino")
     assert own, "Domino without error weighting was not caught by the regression"
     assert not others, f"other methods flagged by a Domino-only break: {others}"
+
+
+def test_fresh_training_check_catches_an_untrained_model(monkeypatch):
+    """The training loop returning its model untouched (trunk and heads never trained)."""
+    need_data(BREAK_SUITE)
+    monkeypatch.setattr(runner, "train_model", lambda model, loader, config, progress=False: model)
+    with regression.temporary_cache(), regression.single_thread():
+        suite = regression.build_suite(BREAK_SUITE)
+        now = regression.fresh_statistics(suite)
+    outside = regression.statistics_outside_band(regression.load_baseline(suite.name)["statistics"], now)
+    passed = sorted(set(now) - set(outside))
+    assert not passed, f"problems whose untrained model passed the fresh-training check: {passed}"
 
 
 def test_frozen_head_of_another_problem_is_refused(monkeypatch):
