@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from harness import InfluenceEmbedder, slice_opponents
 from harness.io import atomic_torch_save, atomic_write_text
 from harness.paths import REPO_ROOT, cache_dir
-from harness.report.html import save_slice_table
+from harness.report import save_slice_table
 from harness.train import config_key
 
 

@@ -42,8 +42,8 @@ from harness.errors import InputError
 from harness.models import cached_features
 from harness.models.vision import imagenet_resnet, resnet, split_resnet
 from harness.paths import cache_dir
+from harness.report import save_thumbnails
 from harness.report.figures import plot_slice_distributions, plot_slice_examples
-from harness.report.html import save_thumbnails
 from harness.train import TrainConfig, cached_training, config_key, predict, train_model
 from experiments.common import (
     add_config_options,

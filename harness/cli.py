@@ -52,7 +52,7 @@ from harness.io import (
     output_dir,
 )
 from harness.paths import cache_dir
-from harness.report.html import (
+from harness.report import (
     experiment_dirs,
     read_slice_table,
     save_slice_table,

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from harness import InfluenceEmbedder, slice_opponents
 from harness.cli import build_parser, main
-from harness.report.html import read_slice_table
+from harness.report import read_slice_table
 
 from conftest import train_lbfgs
 

@@ -23,9 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from harness import InfluenceEmbedder, InputError, kmeans_slices, slice_opponents, summarize_slices
-from harness.report.html import (
-    MAX_CHART_CLASSES,
-    MAX_SHOWN_EXAMPLES,
+from harness.report import (
     read_experiment,
     render_report,
     save_slice_table,
@@ -33,6 +31,7 @@ from harness.report.html import (
     write_report,
     write_reports,
 )
+from harness.report.render import MAX_CHART_CLASSES, MAX_SHOWN_EXAMPLES
 from harness.train import TrainConfig, predict, train_model
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
