@@ -45,6 +45,7 @@ from benchmarks.measure import Stage, agreement, combined, measure, measure_repe
 from benchmarks.report import write_report
 from benchmarks.workloads import SIZES, WORKLOADS, Workload
 from harness import InfluenceEmbedder
+from harness.batching import move_to
 from harness.fastpaths import (
     LinearHeadEmbedder,
     FastInfluenceEmbedder,
@@ -52,7 +53,7 @@ from harness.fastpaths import (
     fixed_batches,
     tensor_batches,
 )
-from harness.hessian import FunctionalLoss, move_to, select_parameters
+from harness.hessian import FunctionalLoss, select_parameters
 from harness.io import atomic_write_text
 from harness.paths import REPO_ROOT, cache_dir
 

@@ -25,18 +25,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harness import distributed
+from harness.batching import batch_length, eval_mode, move_to
 from harness.errors import InputError
 from harness.hessian import (
     FunctionalLoss,
     ParameterSelection,
     arnoldi,
     automatic_block_size,
-    batch_length,
     check_finite,
-    eval_mode,
     full_precision,
     iterate_batches,
-    move_to,
     select_parameters,
     top_eigenpairs,
 )

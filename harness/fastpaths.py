@@ -36,9 +36,10 @@ from torch.func import grad, linearize, vmap
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from harness.batching import eval_mode, move_to
 from harness.embed import InfluenceEmbedder
 from harness.errors import InputError
-from harness.hessian import FunctionalLoss, eval_mode, move_to, select_parameters
+from harness.hessian import FunctionalLoss, select_parameters
 from harness.task import ClassificationTask, Task
 
 

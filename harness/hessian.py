@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
+from harness.batching import move_to, unsqueeze_leaves
 from harness.errors import InputError
 from harness.task import Task
 
@@ -85,45 +86,6 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | str | None) -> P
     return ParameterSelection(tuple(names), tuple(named[n].shape for n in names))
 
 
-# ---------------------------------------------------------------- batches
-def move_to(batch: Any, device: torch.device) -> Any:
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(v, device) for v in batch)
-    return batch
-
-
-def batch_length(batch: Any) -> int:
-    if torch.is_tensor(batch):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        return batch_length(next(iter(batch.values())))
-    return batch_length(batch[0])
-
-
-def _unsqueeze_leaves(example: Any) -> Any:
-    if torch.is_tensor(example):
-        return example.unsqueeze(0)
-    if isinstance(example, dict):
-        return {k: _unsqueeze_leaves(v) for k, v in example.items()}
-    return type(example)(_unsqueeze_leaves(v) for v in example)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """BatchNorm and Dropout behave as at inference; the caller's modes are restored after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes.items():
-            module.train(mode)
-
-
 # ---------------------------------------------------------------- the differentiable loss
 class FunctionalLoss:
     """The task's loss as a pure function of the selected parameters.
@@ -158,7 +120,7 @@ class FunctionalLoss:
         """(B, |theta|) matrix of per-example loss gradients."""
 
         def single(p: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
-            return self.batch_loss(p, _unsqueeze_leaves(example))
+            return self.batch_loss(p, unsqueeze_leaves(example))
 
         grads = vmap(grad(single), in_dims=(None, 0), chunk_size=self.chunk_size)(params, batch)
         return self.selection.flatten(grads, batch_dims=1)

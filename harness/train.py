@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from harness.batching import eval_mode, move_to
 from harness.errors import InputError
-from harness.hessian import eval_mode, move_to
 from harness.io import atomic_torch_save
 from harness.task import ClassificationTask, Task
 
