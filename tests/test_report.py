@@ -7,6 +7,7 @@ INFEMBED_SCREENSHOT_OUT=docs/report-screenshot.png to keep its screenshot.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from harness import InfluenceEmbedder, InputError, kmeans_slices, slice_opponents, summarize_slices
+from harness.paths import REPO_ROOT
 from harness.report import (
     read_experiment,
     render_report,
@@ -31,7 +33,7 @@ from harness.report import (
     write_report,
     write_reports,
 )
-from harness.report.render import MAX_CHART_CLASSES, MAX_SHOWN_EXAMPLES
+from harness.report.render import MAX_CHART_CLASSES, MAX_SHOWN_EXAMPLES, TEMPLATES
 from harness.train import TrainConfig, predict, train_model
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
@@ -295,3 +297,14 @@ def test_bad_result_directories_raise_input_errors(tmp_path, damage, message):
 def test_no_slice_report_directory_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no slice-report directory"):
         write_reports(tmp_path, progress=False)
+
+
+def test_every_template_file_ships_as_package_data():
+    """A non-editable install (``pip install .``) carries only what pyproject's package data names."""
+    tomllib = pytest.importorskip("tomllib")
+    patterns = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = REPO_ROOT / "harness" / "report"
+    files = [p.relative_to(package).as_posix() for p in (package / TEMPLATES).rglob("*") if p.is_file()]
+    assert files
+    unshipped = [f for f in files if not any(fnmatch.fnmatch(f, g) for g in patterns["harness.report"])]
+    assert not unshipped, f"add these to [tool.setuptools.package-data] in pyproject.toml: {unshipped}"
