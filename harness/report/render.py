@@ -287,10 +287,6 @@ def _config_rows(config: dict, prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
-def _short(text: str, limit: int = 16) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
-
-
 def _percent(share: float) -> str:
     return f"{100 * share:.0f}%"
 
@@ -298,7 +294,7 @@ def _percent(share: float) -> str:
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("harness.report", TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
 )
-_ENV.globals.update(pct=_percent, short=_short, max_shown=MAX_SHOWN_EXAMPLES)
+_ENV.globals.update(pct=_percent, max_shown=MAX_SHOWN_EXAMPLES)
 
 
 @functools.cache
