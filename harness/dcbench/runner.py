@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from harness.baselines import ConfusionSlicer, DominoSlicer, KMeansSlicer
-from harness.cache import Cache, cached_training, config_key
+from harness.cache import Cache, cached_training, config_key, content_key
 from harness.dcbench.methods import (
     N_SLICES,
     TABLE1_INFEMBED,
@@ -106,17 +105,14 @@ def suite_features(suite: Suite, trunk_state: Mapping[str, torch.Tensor] | None 
     weights = state_hash(trunk.state_dict())
     out, by_ids = {}, {}
     for data in suite.report + suite.dev:
-        ids = hashlib.sha256(np.ascontiguousarray(data.example_ids).tobytes()).hexdigest()[:16]
+        ids = content_key(np.ascontiguousarray(data.example_ids))
         if ids not in by_ids:
-            path = cache_dir("dcbench", "features") / f"{config_key({'weights': weights, 'ids': ids})}.npy"
-            if path.is_file():
-                by_ids[ids] = np.load(path, allow_pickle=False)
-            else:
-                by_ids[ids] = _features(trunk, data.inputs)
-                if trunk_state is None:
-                    tmp = path.with_suffix(".tmp.npy")
-                    np.save(tmp, by_ids[ids])
-                    os.replace(tmp, path)
+            def compute(data=data) -> torch.Tensor:
+                return torch.from_numpy(_features(trunk, data.inputs))
+
+            # Given trunk weights (frozen fixtures) are computed from, never cached, as before.
+            by_ids[ids] = (Cache("dcbench").stage("features", compute, inputs={"weights": weights, "examples": ids}).value
+                           if trunk_state is None else compute()).numpy()
         out[data.name] = by_ids[ids]
     return out
 
