@@ -164,6 +164,8 @@ def run(config: ImageNetConfig, out: str | None = None, imagenet_val: str | None
         batch_size=config.batch_size, chunk_size=config.chunk_size, device=config.device, n_nearest=config.n_nearest,
     )
     result = embed(study, progress)
+    if not result.writes_results:  # another rank of a torchrun job writes them
+        return {}
     predictions, labels, predicted = result.predictions, result.labels, result.predicted
     pool_labels = pool_set.labels
 
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     config = study_config(ImageNetConfig, PAPER_SCALE, args)
     summary = run(config, args.out, args.imagenet_val, args.weights, args.opponent_folder, progress=not args.quiet)
+    if not summary:
+        return summary
     m = summary["metrics"]
     print(f"ImageNet-style ({summary['data_source']['kind']}): accuracy {m['test_accuracy']:.3f}, rule A = "
           f"{summary['config']['effective_max_accuracy']:.3f}, S = {config.min_size}: {m['n_slices']} slices, "

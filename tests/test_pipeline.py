@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import socket
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -18,6 +23,7 @@ from harness.data.splits import per_class_subset
 from harness.errors import InputError
 from harness.models import TrunkHead
 from harness.options import add_config_options, config_from_args, option
+from harness.paths import has_dataset
 from harness.train import TrainConfig
 from experiments.pipeline import Part, Source, Study, Training, embed, feature_loader
 
@@ -153,3 +159,43 @@ def test_pipeline_embeddings_equal_a_hand_wired_embedder_and_reruns_load_them(fr
     assert len(opponents) == 3 and all(len(found) == 4 and max(found) < 200 for found, _ in opponents)
     coverage = result.coverage(frame)
     assert coverage["slice_examples"] == 100 and coverage["errors_covered"] == coverage["n_errors"]
+
+
+# ---------------------------------------------------------------- torchrun
+COVID_TINY = ["--subset", "40", "--epochs", "1", "--image-size", "32", "--blocks", "1,1,1,16", "--arnoldi-dim", "8",
+              "--embedding-dim", "4", "--quiet"]
+
+
+def _covid_rank(rank: int, world: int, port: int, out: str, cache: str) -> None:
+    os.environ["INFEMBED_CACHE"] = cache
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        torch.set_num_threads(1)
+        from experiments import covid_xray
+
+        covid_xray.main([*COVID_TINY, "--out", out])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not has_dataset("covid-chestxray"), reason="shared dataset 'covid-chestxray' is absent")
+def test_two_gloo_processes_write_what_one_process_writes(tmp_path, fresh_cache):
+    pytest.importorskip("torchxrayvision")
+    from experiments import covid_xray
+
+    covid_xray.main([*COVID_TINY, "--out", str(tmp_path / "single")])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Same cache: the ranks load the trained model and trunk features, then fit and embed their shards.
+    mp.start_processes(_covid_rank, args=(2, port, str(tmp_path / "sharded"), str(fresh_cache)), nprocs=2,
+                       join=True, start_method="spawn")
+    single, sharded = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("single", "sharded"))
+    for summary in (single, sharded):
+        summary.pop("runtime_s"), summary.pop("environment")
+    assert sharded == single
+    for name in ("clusters.csv", "table4.csv", "slices.csv"):
+        assert (tmp_path / "sharded" / name).read_text() == (tmp_path / "single" / name).read_text()
+    factors = sorted((fresh_cache / "covid_xray" / "factors").glob("*.json"))
+    assert sorted(json.loads(f.read_text())["config"]["world_size"] for f in factors) == [1, 2]
