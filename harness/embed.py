@@ -58,7 +58,7 @@ from harness.validation import (
 
 FACTORS_FORMAT = "harness.influence-factors/1"
 CURVATURES = ("hessian", "ggn")
-PROJECTIONS = ("auto", "gradients", "forward", "closed_form")
+PROJECTIONS = ("auto", "gradients", "forward", "closed_form", "layerwise")
 # A kept eigenpair whose Ritz residual exceeds this fraction of its eigenvalue has not
 # converged: its direction (and so the embeddings) can be far from the Hessian's.
 RITZ_RESIDUAL_WARNING = 0.1
@@ -137,13 +137,17 @@ class InfluenceEmbedder:
         must not depend on the machine.
     float64_basis : bool
         Keep the P x |theta| Krylov basis (and its orthogonalisation) in float64.
-    projection : {"auto", "gradients", "forward", "closed_form"}
+    projection : {"auto", "gradients", "forward", "closed_form", "layerwise"}
         How transform computes gradients times M lambda^-1/2, all exact: per-example
         gradients (vmap), forward-mode directional derivatives (one tangent per
-        embedding column), or the closed form when theta is a last nn.Linear producing
-        the logits of a cross-entropy task. "auto" picks the closed form where it
-        applies, else forward mode when D is small (<= 24 with convolutions in theta,
-        <= 2 otherwise), else per-example gradients; ``projection_mode_`` says which.
+        embedding column), the closed form when theta is a last nn.Linear producing
+        the logits of a cross-entropy task, or layer-wise from each selected layer's
+        inputs and output gradients (one forward and backward per batch; theta made of
+        Linear, Conv1d/2d, LayerNorm and BatchNorm layers, see
+        :class:`harness.fastpaths.LayerwiseProjection`). "auto" picks the closed form
+        where it applies, else layer-wise (checked on the first batch), else forward
+        mode when D is small (<= 24 with convolutions in theta, <= 2 otherwise), else
+        per-example gradients; ``projection_mode_`` says which.
     trunk : callable, optional
         When the selected layers are a suffix of the network, say so here: ``model`` is
         then the head that holds them, and ``trunk`` maps a model batch of the loaders
@@ -269,15 +273,25 @@ class InfluenceEmbedder:
         mode = self.projection_mode_
         if mode == "closed_form":
             return self._linear_logits_head.project(batch, projection)
+        if mode == "layerwise":
+            embeddings = self._layerwise.project(params, batch, projection)
+            if embeddings is not None:
+                return embeddings
+            if self.projection_mode == "layerwise":
+                raise InputError(
+                    'projection="layerwise" does not apply to this model: a selected parameter is used outside '
+                    "its layer, examples interact, or a layer input is changed in place (use projection=\"auto\")"
+                )
+            self.projection_mode_ = mode = self._fallback_projection()
         if mode == "forward":
             return self._loss.directional_derivatives(params, batch, projection, self.chunk_size)
         return self._loss.per_example_grads(params, batch) @ projection
 
     def _choose_projection(self, params: dict[str, torch.Tensor], first_batch: Any) -> str:
         """The exact projection ``projection`` names, or for "auto" the fastest one
-        (see the class docstring): the closed form for a last linear layer, forward mode
-        for small D, per-example gradients otherwise."""
-        from harness.fastpaths import LinearLogitsHead
+        (see the class docstring): the closed form for a last linear layer, layer-wise
+        for supported layers, forward mode for small D, per-example gradients otherwise."""
+        from harness.fastpaths import LayerwiseProjection, LinearLogitsHead
 
         requested = self.projection_mode
         head = LinearLogitsHead.find(self.model, self.task, self.selection, self._loss, first_batch)
@@ -287,10 +301,22 @@ class InfluenceEmbedder:
                 "cross-entropy task (2-D inputs)"
             )
         self._linear_logits_head = head
+        self._layerwise = LayerwiseProjection.find(self.model, self.selection, self._loss)
+        if requested == "layerwise" and self._layerwise is None:
+            raise InputError(
+                'projection="layerwise" needs every selected parameter to be the weight or bias of an nn.Linear, '
+                "nn.Conv1d/2d (groups=1, zero padding), nn.LayerNorm or BatchNorm layer"
+            )
         if requested != "auto":
             return requested
         if head is not None:
             return "closed_form"
+        if self._layerwise is not None:
+            return "layerwise"
+        return self._fallback_projection()
+
+    def _fallback_projection(self) -> str:
+        """Forward mode for small D, per-example gradients otherwise."""
         convolutional = any(
             isinstance(module, nn.modules.conv._ConvNd) and any(
                 f"{name}.{p}" in self.selection.names for p, _ in module.named_parameters(recurse=False)

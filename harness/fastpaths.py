@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from harness.embed import InfluenceEmbedder
 from harness.errors import InputError
-from harness.hessian import FunctionalLoss, eval_mode, move_to, select_parameters
+from harness.hessian import FunctionalLoss, batch_length, eval_mode, move_to, select_parameters
 from harness.task import ClassificationTask, Task
 
 
@@ -373,3 +373,169 @@ def capture_inputs(
     if not captured:
         raise InputError("empty loader: no activations captured")
     return torch.cat(captured), torch.cat(targets)
+
+
+# ---------------------------------------------------------------- layer-wise projection
+class LayerwiseProjection:
+    """Per-example gradients times a projection from each selected layer's inputs and
+    output gradients: one forward and one backward of the summed loss per batch, no
+    (B, |theta|) gradient block and no per-example backward. What
+    ``projection="auto"`` uses when every selected parameter belongs to one of these layers:
+
+    * ``nn.Linear`` with inputs a_i (T, in) and output gradients b_i (T, out) (T positions:
+      tokens, or 1): dL_i/dW = sum_t b_it a_it^T, so column d of the embedding is
+      sum_t b_it^T V_d a_it (+ (sum_t b_it) . v_d for the bias), V_d the weight rows of
+      projection column d. With T = 1 the contraction runs as a_i -> a_i V_d^T (never a
+      per-example weight gradient); with T > 1, summing over positions first is cheaper
+      (T + D instead of T D products), which forms one layer's per-example weight gradients
+      at a time.
+    * ``nn.Conv1d`` / ``nn.Conv2d`` (groups = 1, zero padding): the same with a_i the
+      unfolded input patches (positions = output pixels).
+    * ``nn.LayerNorm`` and eval-mode BatchNorm: dL_i/dgamma = sum over positions of
+      x_hat * b, dL_i/dbeta = sum of b, with x_hat the normalised input.
+
+    Examples must not interact in the forward (eval mode: no batch statistics). Each
+    layer's output is handed on as a copy, so in-place operations after it (ReLU(inplace),
+    residual ``+=``) cannot change the tensor whose gradient is taken; an input changed in
+    place later is detected and rejected. The first batch is checked: the per-example
+    contributions summed over the batch must equal the projected batch gradient, which
+    fails when a selected parameter is also used outside its layer (tied weights).
+    """
+
+    SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
+    CHECK_RTOL = 1e-3  # float32 round-off of sums of B per-example terms, far below a missing term
+
+    def __init__(self, loss: FunctionalLoss, layers: dict[str, tuple[nn.Module, dict[str, slice]]]):
+        self.loss = loss
+        self.layers = layers  # module name -> (module, {"weight"/"bias": rows of the projection})
+        self.checked = False
+
+    @classmethod
+    def find(cls, model: nn.Module, selection: Any, loss: Any) -> "LayerwiseProjection | None":
+        """The projection when every selected parameter is a weight or bias of a supported
+        layer (checked structurally here, numerically on the first batch), else None."""
+        if not isinstance(getattr(loss, "_inner", loss), FunctionalLoss):  # the core's loss, or it traced
+            return None
+        modules = dict(model.named_modules())
+        layers: dict[str, tuple[nn.Module, dict[str, slice]]] = {}
+        start = 0
+        for name, shape in zip(selection.names, selection.shapes):
+            size = int(torch.Size(shape).numel())
+            owner, _, attr = name.rpartition(".")
+            module = modules.get(owner)
+            if not isinstance(module, cls.SUPPORTED) or attr not in ("weight", "bias") or not _supported(module):
+                return None
+            layers.setdefault(owner, (module, {}))[1][attr] = slice(start, start + size)
+            start += size
+        return cls(loss, layers)
+
+    def project(self, params: dict[str, torch.Tensor], batch: Any, projection: torch.Tensor) -> torch.Tensor | None:
+        """(B, D) embeddings of the batch; None when the first batch's check fails."""
+        calls: list[tuple[str, torch.Tensor, int, torch.Tensor]] = []
+
+        def record(name: str):
+            def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+                calls.append((name, args[0], args[0]._version, output))
+                return output.clone()  # later in-place ops change the copy, not `output`
+
+            return hook
+
+        handles = [module.register_forward_hook(record(name)) for name, (module, _) in self.layers.items()]
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        try:
+            with torch.enable_grad():
+                total = self.loss.losses(leaves, batch).sum()
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not calls or any(inputs._version != version for _, inputs, version, _ in calls):
+            return None
+        check = not self.checked
+        wanted = [output for *_, output in calls] + (list(leaves.values()) if check else [])
+        grads = torch.autograd.grad(total, wanted, allow_unused=True)
+        n = batch_length(batch)
+        out = torch.zeros(n, projection.shape[1], dtype=projection.dtype, device=projection.device)
+        for (name, inputs, _, output), output_grad in zip(calls, grads):
+            if output_grad is None or inputs.shape[0] != n or output.shape[0] != n:
+                return None
+            module, rows = self.layers[name]
+            out += _layer_projection(module, inputs.detach(), output_grad, rows, projection)
+        if check:
+            batch_gradient = self.loss.selection.flatten(
+                {k: g if g is not None else torch.zeros_like(leaves[k]) for k, g in zip(leaves, grads[len(calls):])}
+            )
+            expected = batch_gradient.to(projection.dtype) @ projection
+            scale = (out.abs().sum(0) + expected.abs()).clamp_min(torch.finfo(projection.dtype).tiny)
+            if ((out.sum(0) - expected).abs() > self.CHECK_RTOL * scale).any():
+                return None
+            self.checked = True
+        return out
+
+
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.track_running_stats and module.running_mean is not None
+    return True
+
+
+def _layer_projection(
+    module: nn.Module, inputs: torch.Tensor, output_grad: torch.Tensor, rows: dict[str, slice], projection: torch.Tensor
+) -> torch.Tensor:
+    """sum over this call's per-example parameter gradients times their projection rows, (B, D)."""
+    dtype = projection.dtype
+    n, width = inputs.shape[0], projection.shape[1]
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.training:
+            raise InputError("layer-wise projection needs BatchNorm in eval mode")
+        shape = (1, -1) + (1,) * (inputs.dim() - 2)
+        normalised = (inputs - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+        weight_grad = (normalised * output_grad).flatten(2).sum(2) if inputs.dim() > 2 else normalised * output_grad
+        bias_grad = output_grad.flatten(2).sum(2) if inputs.dim() > 2 else output_grad
+        return _affine(weight_grad, bias_grad, rows, projection)
+    if isinstance(module, nn.LayerNorm):
+        normalised = F.layer_norm(inputs, module.normalized_shape, None, None, module.eps)
+        leading = inputs.dim() - len(module.normalized_shape)
+        dims = tuple(range(1, leading))
+        weight_grad = (normalised * output_grad).sum(dims) if dims else normalised * output_grad
+        bias_grad = output_grad.sum(dims) if dims else output_grad
+        return _affine(weight_grad.flatten(1), bias_grad.flatten(1), rows, projection)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        kernel = module.kernel_size
+        if isinstance(module, nn.Conv1d):  # as a 2-D convolution of height 1
+            inputs, output_grad = inputs.unsqueeze(2), output_grad.unsqueeze(2)
+            kernel, dilation = (1, kernel[0]), (1, module.dilation[0])
+            padding, stride = (0, module.padding[0]), (1, module.stride[0])
+        else:
+            dilation, padding, stride = module.dilation, module.padding, module.stride
+        patches = F.unfold(inputs, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, in, L)
+        activations = patches.transpose(1, 2)  # (B, L, in)
+        output_grad = output_grad.flatten(2).transpose(1, 2)  # (B, L, out)
+    else:  # nn.Linear: positions are every dimension between the batch and the features
+        activations = inputs.reshape(n, -1, inputs.shape[-1])
+        output_grad = output_grad.reshape(n, -1, output_grad.shape[-1])
+    activations, output_grad = activations.to(dtype), output_grad.to(dtype)
+    out = torch.zeros(n, width, dtype=dtype, device=projection.device)
+    n_out, n_in = output_grad.shape[-1], activations.shape[-1]
+    if "weight" in rows:
+        weight_rows = projection[rows["weight"]].view(n_out, n_in, width)
+        if activations.shape[1] == 1:  # one position: b_i^T (V_d a_i), no per-example gradient
+            mapped = activations[:, 0] @ weight_rows.permute(1, 0, 2).reshape(n_in, n_out * width)
+            out += torch.einsum("bod,bo->bd", mapped.view(n, n_out, width), output_grad[:, 0])
+        else:  # per-example weight gradients of this layer, summed over positions first
+            weight_grad = torch.bmm(output_grad.transpose(1, 2), activations)  # (B, out, in)
+            out += weight_grad.reshape(n, -1) @ weight_rows.reshape(n_out * n_in, width)
+    if "bias" in rows:
+        out += output_grad.sum(1) @ projection[rows["bias"]]
+    return out
+
+
+def _affine(weight_grad: torch.Tensor, bias_grad: torch.Tensor, rows: dict[str, slice], projection: torch.Tensor) -> torch.Tensor:
+    dtype = projection.dtype
+    out = torch.zeros(weight_grad.shape[0], projection.shape[1], dtype=dtype, device=projection.device)
+    if "weight" in rows:
+        out += weight_grad.reshape(len(out), -1).to(dtype) @ projection[rows["weight"]]
+    if "bias" in rows:
+        out += bias_grad.reshape(len(out), -1).to(dtype) @ projection[rows["bias"]]
+    return out

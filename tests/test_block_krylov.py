@@ -261,17 +261,20 @@ class SmallConvNet(nn.Module):
 
 
 def test_automatic_projection_picks_an_exact_path(mlp64):
-    """Closed form for a last linear layer, forward mode for small D with convolutions,
-    per-example gradients otherwise; each equals the per-example-gradient embeddings."""
+    """Closed form for a last linear layer, layer-wise for Linear/Conv/norm layers; with
+    other layers in theta forward mode for small D, per-example gradients otherwise; each
+    equals the per-example-gradient embeddings."""
     torch.manual_seed(0)
     images = torch.randn(40, 1, 8, 8, dtype=torch.float64)
     labels = torch.randint(0, 4, (40,))
     conv = SmallConvNet().double()
+    with_prelu = nn.Sequential(mlp64.model[0], nn.PReLU().double(), mlp64.model[2])  # PReLU: no layer-wise rule
     cases = [
         (mlp64.model, "2", mlp64.loader("train"), mlp64.loader("test"), 4, "closed_form"),
-        (mlp64.model, None, mlp64.loader("train"), mlp64.loader("test"), 2, "forward"),
-        (mlp64.model, None, mlp64.loader("train"), mlp64.loader("test"), 6, "gradients"),
-        (conv, None, _loader(images, labels, 16), _loader(images, labels, 16), 4, "forward"),
+        (mlp64.model, None, mlp64.loader("train"), mlp64.loader("test"), 2, "layerwise"),
+        (with_prelu, None, mlp64.loader("train"), mlp64.loader("test"), 2, "forward"),
+        (with_prelu, None, mlp64.loader("train"), mlp64.loader("test"), 6, "gradients"),
+        (conv, None, _loader(images, labels, 16), _loader(images, labels, 16), 4, "layerwise"),
         (conv, "fc", _loader(images, labels, 16), _loader(images, labels, 16), 4, "closed_form"),
     ]
     for model, layers, fit_loader, test_loader, d, expected in cases:
