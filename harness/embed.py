@@ -36,6 +36,7 @@ from harness.hessian import (
     eval_mode,
     full_precision,
     iterate_batches,
+    memory_budget,
     move_to,
     select_parameters,
     top_eigenpairs,
@@ -93,6 +94,13 @@ class FactorConfig:
         metadata={"help": "Krylov directions per HVP pass (1 = plain Arnoldi); 'auto': from P / D and memory."},
     )
     float64_basis: bool = field(default=False, metadata={"help": "Keep the Krylov basis in float64."})
+    frozen_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the frozen modules before theta once per fit batch, not once per HVP pass (used only "
+            "where checked exact on the first batch and the outputs fit a quarter of the device's memory)."
+        },
+    )
 
 
 class InfluenceEmbedder:
@@ -137,6 +145,12 @@ class InfluenceEmbedder:
         must not depend on the machine.
     float64_basis : bool
         Keep the P x |theta| Krylov basis (and its orthogonalisation) in float64.
+    frozen_prefix : bool
+        Fit runs the frozen modules a forward passes through before it reaches theta (a
+        ResNet's conv1..layer3 for theta = layer4 + fc) once per fit batch and replays
+        their outputs in the P passes, where :class:`harness.fastpaths.FrozenPrefix`
+        checks that exact on the first batch and their outputs for all fit batches fit a
+        quarter of the device's memory; ``frozen_prefix_`` names the replayed modules.
     projection : {"auto", "gradients", "forward", "closed_form", "layerwise"}
         How transform computes gradients times M lambda^-1/2, all exact: per-example
         gradients (vmap), forward-mode directional derivatives (one tangent per
@@ -214,6 +228,7 @@ class InfluenceEmbedder:
         curvature: str = "hessian",
         block_size: int | str = "auto",
         float64_basis: bool = False,
+        frozen_prefix: bool = True,
         projection: str = "auto",
         trunk: Callable[[Any], Any] | None = None,
     ):
@@ -243,6 +258,7 @@ class InfluenceEmbedder:
             curvature=check_choice(curvature, "curvature", CURVATURES),
             block_size=block_size,
             float64_basis=check_bool(float64_basis, "float64_basis"),
+            frozen_prefix=check_bool(frozen_prefix, "frozen_prefix"),
         )
         self.projection_mode = check_choice(projection, "projection", PROJECTIONS)
         chunk_size = check_optional_int(chunk_size, "chunk_size", 1)
@@ -374,18 +390,20 @@ class InfluenceEmbedder:
                 raise InputError("empty loader: the fit loaders of all ranks yielded no batch")
             scale = 1.0 / n_examples if cfg.hessian_reduction == "mean" else 1.0
             block_size = self._block_size(params, first)
+            prefix, prefix_batches = self._frozen_prefix(params, loader, first, n_local)
+            self.frozen_prefix_ = list(prefix.names) if prefix is not None else []
 
             def curvature_product(vectors: torch.Tensor) -> torch.Tensor:
                 total = torch.zeros_like(vectors)
-                for _, batch in iterate_batches(
-                    loader, self.task, self._loss, self.device, validate=False, what="fit", allow_empty=sharded
-                ):
-                    if cfg.curvature == "ggn":
-                        total += self._loss.ggn_block(params, batch, vectors)
-                    elif len(vectors) == 1:  # plain Arnoldi: no vmap
-                        total[0] += self._loss.hvp(params, batch, vectors[0])
-                    else:
-                        total += self._loss.hvp_block(params, batch, vectors)
+                batches = prefix_batches if prefix is not None else self._model_batches(loader)
+                for i, batch in enumerate(batches):  # validated in the first pass
+                    with prefix.replaying(i) if prefix is not None else contextlib.nullcontext():
+                        if cfg.curvature == "ggn":
+                            total += self._loss.ggn_block(params, batch, vectors)
+                        elif len(vectors) == 1:  # plain Arnoldi: no vmap
+                            total[0] += self._loss.hvp(params, batch, vectors[0])
+                        else:
+                            total += self._loss.hvp_block(params, batch, vectors)
                 return distributed.all_reduce_sum(total) * scale
 
             generator = torch.Generator().manual_seed(cfg.seed)
@@ -434,6 +452,29 @@ class InfluenceEmbedder:
         self.n_fit_examples_ = int(n_examples)
         self._projection = None
         return self
+
+    def _model_batches(self, loader: Iterable) -> Iterator[Any]:
+        for raw in loader:
+            yield move_to(self.task.model_batch(raw), self.device)
+
+    def _frozen_prefix(self, params: dict[str, torch.Tensor], loader: Iterable, first_batch: Any, n_examples: int):
+        """(FrozenPrefix, the fit batches it holds outputs for) or (None, None); see
+        ``frozen_prefix`` in the class docstring."""
+        from harness.fastpaths import FrozenPrefix
+
+        if not self.config.frozen_prefix or self.trunk is not None or first_batch is None:
+            return None, None
+        prefix = FrozenPrefix.find(self._loss, params, first_batch)
+        if prefix is None:
+            return None, None
+        budget = memory_budget(self.device)
+        batches = []
+        for batch in self._model_batches(loader):
+            prefix.add_batch(params, batch)
+            batches.append(batch)
+            if prefix.bytes_per_batch() * n_examples / max(batch_length(first_batch), 1) > budget:
+                return None, None
+        return prefix, batches
 
     def _block_size(self, params: dict[str, torch.Tensor], first_batch: Any) -> int:
         """The configured block size, or (``"auto"``) the one the memory allows for the

@@ -27,7 +27,8 @@ any submodule.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import contextlib
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -539,3 +540,131 @@ def _affine(weight_grad: torch.Tensor, bias_grad: torch.Tensor, rows: dict[str, 
     if "bias" in rows:
         out += bias_grad.reshape(len(out), -1).to(dtype) @ projection[rows["bias"]]
     return out
+
+
+# ---------------------------------------------------------------- frozen prefix, run once
+class FrozenPrefix:
+    """The frozen modules a forward runs before it reaches any selected parameter, run
+    once per fit batch instead of once per Arnoldi pass.
+
+    Found on the first batch: the outermost modules that hold no selected parameter and
+    whose whole call ends before the first call of a module that does (e.g. a ResNet's
+    conv1 .. layer3 when theta = layer4 + fc; a BERT's embeddings and first encoder layers
+    when theta is the last layer). While :meth:`replaying`, each such module returns the
+    output it computed for the batch instead of running. Checked on the first batch, not
+    assumed: a module is kept only when (1) it is called once per forward, (2) its output
+    is unchanged when theta is perturbed (no hidden use of the selected parameters),
+    (3) nothing later changes its output in place, and (4) the loss with replay equals the
+    loss without it, bit for bit. Fit uses it when the outputs of all fit batches fit a
+    quarter of the device's memory.
+    """
+
+    def __init__(self, loss: FunctionalLoss, names: list[str]):
+        self.loss, self.names = loss, names
+        modules = dict(loss.model.named_modules())
+        self.modules = {name: modules[name] for name in names}
+        self.outputs: list[dict[str, Any]] = []
+        self.current: int | None = None
+
+    @classmethod
+    def find(cls, loss: Any, params: dict[str, torch.Tensor], batch: Any) -> "FrozenPrefix | None":
+        if type(loss) is not FunctionalLoss:
+            return None
+        model, selected = loss.model, set(loss.selection.names)
+        holds = {name: any((f"{name}.{p}" if name else p) in selected for p, _ in m.named_parameters())
+                 for name, m in model.named_modules()}
+        owns = {name: any((f"{name}.{p}" if name else p) in selected for p, _ in m.named_parameters(recurse=False))
+                for name, m in model.named_modules()}
+        events: list[tuple[str, str]] = []
+        handles = []
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(lambda _m, _a, n=name: events.append(("start", n))))
+            handles.append(module.register_forward_hook(lambda _m, _a, _o, n=name: events.append(("end", n))))
+        try:
+            with torch.no_grad():
+                loss.losses(params, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        first_selected = next((i for i, (kind, n) in enumerate(events) if kind == "start" and owns[n]), None)
+        if first_selected is None:
+            return None
+        calls = [n for kind, n in events if kind == "start"]
+        # modules whose whole call ends before theta is first reached, outermost only, once per forward
+        completed = [n for kind, n in events[:first_selected] if kind == "end" and n and not holds[n]]
+        candidates = [c for c in completed if not any(c.startswith(f"{o}.") for o in completed)]
+        candidates = [c for c in candidates if calls.count(c) == 1]
+        if not candidates:
+            return None
+        prefix = cls(loss, candidates)
+        return prefix if prefix._verify(params, batch) else None
+
+    def _record(self, params: dict[str, torch.Tensor], batch: Any) -> tuple[dict[str, Any], dict[str, list[int]], torch.Tensor]:
+        outputs: dict[str, Any] = {}
+        handles = [
+            m.register_forward_hook(lambda _m, _a, out, n=n: outputs.__setitem__(n, (out, _versions(out))))
+            for n, m in self.modules.items()
+        ]
+        try:
+            with torch.no_grad():
+                losses = self.loss.losses(params, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        changed = {n for n, (out, versions) in outputs.items() if _versions(out) != versions}
+        return {n: out for n, (out, _) in outputs.items()}, changed, losses
+
+    def _verify(self, params: dict[str, torch.Tensor], batch: Any) -> bool:
+        reference, changed, losses = self._record(params, batch)
+        generator = torch.Generator().manual_seed(0)
+        perturbed = {n: p + 0.1 * torch.randn(p.shape, generator=generator).to(p) * (p.abs().mean() + 1e-3)
+                     for n, p in params.items()}
+        moved, _, _ = self._record(perturbed, batch)
+        keep = [n for n in self.names if n in reference and n not in changed and _equal(reference[n], moved.get(n))]
+        if not keep:
+            return False
+        self.names, self.modules = keep, {n: self.modules[n] for n in keep}
+        self.outputs = [self._outputs_of(params, batch)]
+        with self.replaying(0):
+            with torch.no_grad():
+                replayed = self.loss.losses(params, batch)
+        self.outputs = []
+        return torch.equal(replayed, losses)
+
+    def _outputs_of(self, params: dict[str, torch.Tensor], batch: Any) -> dict[str, Any]:
+        outputs, changed, _ = self._record(params, batch)
+        if changed & set(self.names):
+            raise InputError("a frozen module's output was changed in place after the first fit batch")
+        return {n: outputs[n] for n in self.names}
+
+    def add_batch(self, params: dict[str, torch.Tensor], batch: Any) -> None:
+        """Runs the prefix on one more fit batch and keeps its outputs."""
+        self.outputs.append(self._outputs_of(params, batch))
+
+    def bytes_per_batch(self) -> int:
+        return sum(_nbytes(out) for out in self.outputs[0].values()) if self.outputs else 0
+
+    @contextlib.contextmanager
+    def replaying(self, index: int) -> Iterator[None]:
+        """While active, the prefix modules return batch ``index``'s outputs."""
+        saved = self.outputs[index]
+        for name, module in self.modules.items():
+            module.forward = lambda *_args, _out=saved[name], **_kwargs: _out
+        try:
+            yield
+        finally:
+            for module in self.modules.values():
+                del module.forward
+
+
+def _versions(output: Any) -> list[int]:
+    return [t._version for t in _tensor_leaves(output)]
+
+
+def _nbytes(output: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensor_leaves(output))
+
+
+def _equal(a: Any, b: Any) -> bool:
+    leaves_a, leaves_b = _tensor_leaves(a), _tensor_leaves(b)
+    return len(leaves_a) == len(leaves_b) and all(torch.equal(x, y) for x, y in zip(leaves_a, leaves_b))
