@@ -564,7 +564,7 @@ class FrozenPrefix:
         modules = dict(loss.model.named_modules())
         self.modules = {name: modules[name] for name in names}
         self.outputs: list[dict[str, Any]] = []
-        self.current: int | None = None
+        self.batches: list[Any] = []
 
     @classmethod
     def find(cls, loss: Any, params: dict[str, torch.Tensor], batch: Any) -> "FrozenPrefix | None":
@@ -638,11 +638,15 @@ class FrozenPrefix:
         return {n: outputs[n] for n in self.names}
 
     def add_batch(self, params: dict[str, torch.Tensor], batch: Any) -> None:
-        """Runs the prefix on one more fit batch and keeps its outputs."""
+        """Runs the prefix on one more fit batch and keeps its outputs (and the batch)."""
         self.outputs.append(self._outputs_of(params, batch))
+        self.batches.append(batch)
 
     def bytes_per_batch(self) -> int:
-        return sum(_nbytes(out) for out in self.outputs[0].values()) if self.outputs else 0
+        """Bytes held for the first batch: its prefix outputs and its inputs."""
+        if not self.outputs:
+            return 0
+        return sum(tensor_bytes(out) for out in self.outputs[0].values()) + tensor_bytes(self.batches[0])
 
     @contextlib.contextmanager
     def replaying(self, index: int) -> Iterator[None]:
@@ -661,8 +665,34 @@ def _versions(output: Any) -> list[int]:
     return [t._version for t in _tensor_leaves(output)]
 
 
-def _nbytes(output: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensor_leaves(output))
+def tensor_bytes(tree: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensor_leaves(tree))
+
+
+def same_layout(a: Any, b: Any) -> bool:
+    """Whether two batches hold tensors that agree in everything but dimension 0 (so
+    they can be concatenated), in the same tuple/list/dict structure."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return (torch.is_tensor(a) and torch.is_tensor(b) and a.dim() > 0 and b.dim() == a.dim()
+                and a.shape[1:] == b.shape[1:] and a.dtype == b.dtype and a.device == b.device)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_layout(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and type(a) is type(b):
+        return len(a) == len(b) and all(same_layout(x, y) for x, y in zip(a, b))
+    return False
+
+
+def concatenate_batches(batches: list[Any]) -> Any:
+    """Batches of the same layout (:func:`same_layout`) joined along dimension 0."""
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    if torch.is_tensor(first):
+        return torch.cat(batches)
+    if isinstance(first, dict):
+        return {k: concatenate_batches([b[k] for b in batches]) for k in first}
+    parts = [concatenate_batches(list(column)) for column in zip(*batches)]
+    return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -80,3 +80,33 @@ def test_hidden_uses_and_in_place_changes_are_not_replayed():
     hidden = _both(HiddenUse().double(), "out", loader)
     assert hidden.frozen_prefix_ == ["first"]  # not "pre": its output moves with theta
     assert _both(InPlaceAfter().double(), "out", loader).frozen_prefix_ == []
+
+
+def test_merged_fit_batches_give_the_same_factors(mlp64):
+    """Batches of 50 merged into one per pass: the same Hessian up to round-off."""
+    loader = mlp64.loader("train", batch_size=50)
+    options = dict(arnoldi_dim=20, embedding_dim=6, seed=1, progress=False, block_size=1)
+    merged = InfluenceEmbedder(mlp64.model, **options).fit(loader)
+    streamed = InfluenceEmbedder(mlp64.model, merge_fit_batches=False, **options).fit(loader)
+    assert merged.n_fit_batches_ == 1 and streamed.n_fit_batches_ is None
+    np.testing.assert_allclose(merged.eigenvalues_.numpy(), streamed.eigenvalues_.numpy(), rtol=1e-9)
+    test = mlp64.loader("test")
+    np.testing.assert_allclose(merged.transform(test), streamed.transform(test), rtol=1e-6, atol=1e-9)
+    suffix = InfluenceEmbedder(mlp64.model, "2", **options).fit(loader)  # merged, then the prefix replayed
+    assert suffix.n_fit_batches_ == 1 and suffix.frozen_prefix_ == ["0", "1"]
+
+
+def test_batches_of_other_layouts_are_not_merged():
+    from harness.fastpaths import concatenate_batches, same_layout
+
+    a = (torch.zeros(3, 5), torch.zeros(3, dtype=torch.long))
+    b = (torch.ones(2, 5), torch.ones(2, dtype=torch.long))
+    assert same_layout(a, b) and not same_layout(a, (torch.zeros(2, 6), b[1]))
+    assert not same_layout(a, (b[0].double(), b[1])) and not same_layout({"x": a[0]}, {"y": a[0]})
+    joined = concatenate_batches([a, b])
+    assert joined[0].shape == (5, 5) and joined[1].tolist() == [0, 0, 0, 1, 1]
+    x = torch.randn(20, 4, dtype=torch.float64)
+    ragged = [(x[:10], torch.zeros(10, dtype=torch.long)), (x[10:, :4], torch.ones(10, dtype=torch.long))]
+    model = nn.Linear(4, 2).double()
+    fitted = InfluenceEmbedder(model, None, 6, 2, progress=False, block_size=1).fit(ragged)
+    assert fitted.n_fit_batches_ == 1
