@@ -4,7 +4,9 @@ a textbook scalar Arnoldi, per-example gradients and Captum."""
 
 from __future__ import annotations
 
+import copy
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -303,3 +305,24 @@ def test_trunk_argument_equals_the_full_model_with_the_suffix_selected(mlp64):
                                rtol=1e-6, atol=1e-9)
     with pytest.raises(InputError, match="trunk"):
         InfluenceEmbedder(model[2], trunk="layer3")
+
+
+def test_table1_configuration_takes_the_gauss_newton_curvature(mlp64):
+    """InfEmbedConfig(curvature="ggn") (the ablation row) reaches FactorHessian; the Hessian
+    default keeps the cache key it had before the field existed."""
+    from dataclasses import asdict
+
+    from harness.dcbench.methods import InfEmbedConfig, influence_embeddings
+    from harness.dcbench.runner import _config_record
+
+    x, y = (t.float() if t.is_floating_point() else t for t in mlp64.train)
+    head = copy.deepcopy(mlp64.model).float()
+    fit, embed = (x.numpy(), y.numpy()), (x[:40].numpy(), y[:40].numpy())
+    config = InfEmbedConfig(arnoldi_dim=20, embedding_dim=5, n_fit=200)
+    (hessian,), _ = influence_embeddings(head, config, fit, embed)
+    (ggn,), _ = influence_embeddings(head, replace(config, curvature="ggn"), fit, embed)
+    assert hessian.shape == ggn.shape and not np.allclose(np.abs(hessian), np.abs(ggn), rtol=1e-3)
+    assert "curvature" not in _config_record(config) and _config_record(replace(config, curvature="ggn"))["curvature"] == "ggn"
+    assert set(asdict(config)) - set(_config_record(config)) == {"curvature"}
+    with pytest.raises(InputError, match="curvature"):
+        InfEmbedConfig(curvature="fisher")
