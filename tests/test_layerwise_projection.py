@@ -92,6 +92,8 @@ def test_linear_layernorm_on_tokens_match_per_example_gradients():
     x, y = torch.randn(7, 5, 6), torch.randint(0, 3, (7,))
     _check(Tokens(), None, (x.double(), y))
     _check(Tokens(), ["up", "norm.weight", "out"], (x.double(), y))  # a subset, one bias left out
+    long = torch.randn(7, 20, 6).double()  # many positions x columns: per-example weight gradients first
+    _check(Tokens(), None, (long, y), n_columns=8)
 
 
 def test_convolutions_and_batchnorm_with_in_place_ops_match_per_example_gradients():
