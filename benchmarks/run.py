@@ -317,7 +317,8 @@ OURS_VARIANTS = {
 }
 
 
-def run_workload(name: str, device: torch.device, with_kronfluence: bool, repeats: int, sections: set[str]) -> dict:
+def run_workload(name: str, device: torch.device, with_kronfluence: bool, repeats: int, sections: set[str],
+                 variants: list[str] | None = None) -> dict:
     wl = WORKLOADS[name](SIZES[device.type][name], str(device))
     sizes = wl.sizes
     fit_loader = wl.loader(wl.fit_set, sizes.fit)
@@ -336,10 +337,11 @@ def run_workload(name: str, device: torch.device, with_kronfluence: bool, repeat
     }
     methods = out["methods"]
     _warm_up(wl, device)
-    progress = tqdm(total=len(OURS_VARIANTS) + 4, desc=f"{name} stages", leave=False)
+    chosen = {m: o for m, o in OURS_VARIANTS.items() if variants is None or m in variants}
+    progress = tqdm(total=len(chosen) + 4, desc=f"{name} stages", leave=False)
 
     results: dict[str, dict] = {}
-    for method, options in OURS_VARIANTS.items():
+    for method, options in chosen.items():
         results[method] = _ours(
             wl, wl.model, wl.layers, wl.task, fit_loader, transform_loader, device, damping, repeats, **options
         )
@@ -534,6 +536,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of every stage (median, min-max)")
     parser.add_argument(
+        "--variants", nargs="+", default=list(OURS_VARIANTS), choices=list(OURS_VARIANTS),
+        help="which configurations of ours to run (\"ours\", the default, is always run)",
+    )
+    parser.add_argument(
         "--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
         help="main (always run), scaling (fit vs P, transform vs N), linear_head (theta = the last layer)",
     )
@@ -560,7 +566,8 @@ def main(argv: list[str] | None = None) -> None:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     for name in args.workloads:
-        result = run_workload(name, device, with_kronfluence, args.repeats, set(args.sections))
+        result = run_workload(name, device, with_kronfluence, args.repeats, set(args.sections),
+                              sorted(set(args.variants) | {"ours"}, key=list(OURS_VARIANTS).index))
         result["environment"] = {**environment, "load_average_after": os.getloadavg()}
         atomic_write_text(json.dumps(result, indent=2) + "\n", out_dir / f"{name}_{device.type}.json")
         print(f"{name}: done")
