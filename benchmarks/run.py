@@ -8,7 +8,10 @@ For every workload, with the same model, data, P, D and seed, each stage timed
 ``--repeats`` times (median, min-max):
 
 * ours (default): ``InfluenceEmbedder(model, layers, P, D)`` on the full model, as a user
-  calls it (automatic block size and projection); ours with ``block_size=8`` forced (the
+  calls it (automatic block size, frozen prefix and projection; every exact projection
+  also timed once); ours with ``frozen_prefix=False, merge_fit_batches=False`` (the loader's
+  batches streamed in every pass through the whole model, as Captum does); ours with
+  ``block_size=8`` forced (the
   block speed and what it costs in accuracy at this P / D); ours with ``curvature="ggn"``;
   ours (best): the frozen trunk run once, traced (linearized) HVPs on the head, the
   automatic projection; Captum (the constructor runs its Arnoldi;
@@ -44,7 +47,7 @@ from tqdm.auto import tqdm
 from benchmarks.measure import Stage, agreement, combined, measure, measure_repeated
 from benchmarks.report import write_report
 from benchmarks.workloads import SIZES, WORKLOADS, Workload
-from harness import InfluenceEmbedder
+from harness import InfluenceEmbedder, InputError
 from harness.batching import move_to
 from harness.fastpaths import (
     LinearHeadEmbedder,
@@ -79,7 +82,7 @@ def _stage_row(stage: Stage, n_units: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- ours
 def _ours(wl: Workload, model: nn.Module, layers, task, fit_loader, transform_loader, device, damping,
-          repeats: int = 1, **options: Any) -> dict:
+          repeats: int = 1, time_projections: bool = False, **options: Any) -> dict:
     embedder = InfluenceEmbedder(
         model, layers, wl.sizes.arnoldi_dim, wl.sizes.embedding_dim, SEED, task=task, damping=damping, progress=False,
         **options,
@@ -88,10 +91,27 @@ def _ours(wl: Workload, model: nn.Module, layers, task, fit_loader, transform_lo
         warnings.simplefilter("ignore", UserWarning)  # unconverged trailing pairs are measured, not hidden: see r
         fit = measure_repeated(lambda: embedder.fit(fit_loader), device, repeats)
     transform = measure_repeated(lambda: embedder.transform(transform_loader), device, repeats)
-    return {
+    out = {
         "embedder": embedder, "fit": fit, "transform": transform, "embeddings": transform.result,
         "block_size": embedder.block_size_, "projection": embedder.projection_mode_,
+        "frozen_prefix": embedder.frozen_prefix_,
     }
+    if time_projections:
+        out["projection_seconds"] = _projection_seconds(embedder, transform_loader, device)
+    return out
+
+
+def _projection_seconds(embedder: InfluenceEmbedder, loader, device) -> dict[str, float | None]:
+    """Every exact projection timed once on the same fitted embedder (None: does not apply)."""
+    seconds: dict[str, float | None] = {}
+    for mode in ("layerwise", "forward", "gradients"):
+        embedder.projection_mode = mode
+        try:
+            seconds[mode] = measure(lambda: embedder.transform(loader), device).seconds
+        except InputError:
+            seconds[mode] = None
+    embedder.projection_mode = "auto"
+    return seconds
 
 
 @torch.no_grad()
@@ -130,11 +150,7 @@ def _ours_best(wl: Workload, fit_loader, transform_loader, device, damping, repe
         fit = measure_repeated(lambda: embedder.fit(fit_head_batches), device, repeats)
     transform = measure_repeated(lambda: embedder.transform(head_loader), device, repeats)
     chosen = embedder.projection_mode_
-    projections = {}
-    for mode in ("gradients", "forward"):
-        embedder.projection_mode = mode
-        projections[mode] = measure(lambda: embedder.transform(head_loader), device).seconds
-    embedder.projection_mode = "auto"
+    projections = _projection_seconds(embedder, head_loader, device)
     return {
         "projection_seconds": projections,
         "projection": chosen,
@@ -295,13 +311,15 @@ def _warm_up(wl: Workload, device: torch.device) -> None:
 
 # ours: the default as a user calls it, then variants that isolate one choice each
 OURS_VARIANTS = {
-    "ours": {},
+    "ours": {"time_projections": True},
+    "ours_streamed": {"frozen_prefix": False, "merge_fit_batches": False},
     "ours_block8": {"block_size": 8},
     "ours_ggn": {"curvature": "ggn"},
 }
 
 
-def run_workload(name: str, device: torch.device, with_kronfluence: bool, repeats: int, sections: set[str]) -> dict:
+def run_workload(name: str, device: torch.device, with_kronfluence: bool, repeats: int, sections: set[str],
+                 variants: list[str] | None = None) -> dict:
     wl = WORKLOADS[name](SIZES[device.type][name], str(device))
     sizes = wl.sizes
     fit_loader = wl.loader(wl.fit_set, sizes.fit)
@@ -320,10 +338,11 @@ def run_workload(name: str, device: torch.device, with_kronfluence: bool, repeat
     }
     methods = out["methods"]
     _warm_up(wl, device)
-    progress = tqdm(total=len(OURS_VARIANTS) + 4, desc=f"{name} stages", leave=False)
+    chosen = {m: o for m, o in OURS_VARIANTS.items() if variants is None or m in variants}
+    progress = tqdm(total=len(chosen) + 4, desc=f"{name} stages", leave=False)
 
     results: dict[str, dict] = {}
-    for method, options in OURS_VARIANTS.items():
+    for method, options in chosen.items():
         results[method] = _ours(
             wl, wl.model, wl.layers, wl.task, fit_loader, transform_loader, device, damping, repeats, **options
         )
@@ -343,7 +362,7 @@ def run_workload(name: str, device: torch.device, with_kronfluence: bool, repeat
             "fit": _stage_row(result["fit"], n_fit_passes),
             "transform": _stage_row(result["transform"], sizes.transform),
         }
-        for key in ("block_size", "projection"):
+        for key in ("block_size", "projection", "frozen_prefix", "projection_seconds"):
             if key in result:
                 methods[method][key] = result[key]
     captum_influence = captum["embeddings"] @ captum["embeddings"].T
@@ -375,6 +394,16 @@ def run_workload(name: str, device: torch.device, with_kronfluence: bool, repeat
         "captum transform / plain fwd_bwd (full model): the ceiling of any transform speed-up that runs the model":
             captum["transform"].seconds / plain_full.seconds,
     }
+    # fit cost per example-HVP in units of a plain forward+backward per example (measured on the transform
+    # batches): what one Hessian-vector product costs each method, trunk included (full) or not (head)
+    per_example_full = plain_full.seconds / sizes.transform
+    per_example_head = plain_head.seconds / sizes.transform
+    for method in ("ours", "ours_streamed", "captum"):
+        if method in results:
+            out["ratios"][f"{method} fit per example-HVP / plain fwd_bwd per example (full model)"] = (
+                results[method]["fit"].seconds / n_fit_passes / per_example_full)
+    out["ratios"]["ours (default) fit per example-HVP / plain head fwd_bwd per example"] = (
+        results["ours"]["fit"].seconds / n_fit_passes / per_example_head)
     out["ours_best_projection_seconds"] = best["projection_seconds"]
     for method in results:
         if method != "captum":
@@ -508,6 +537,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of every stage (median, min-max)")
     parser.add_argument(
+        "--variants", nargs="+", default=list(OURS_VARIANTS), choices=list(OURS_VARIANTS),
+        help="which configurations of ours to run (\"ours\", the default, is always run)",
+    )
+    parser.add_argument(
         "--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
         help="main (always run), scaling (fit vs P, transform vs N), linear_head (theta = the last layer)",
     )
@@ -534,7 +567,8 @@ def main(argv: list[str] | None = None) -> None:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     for name in args.workloads:
-        result = run_workload(name, device, with_kronfluence, args.repeats, set(args.sections))
+        result = run_workload(name, device, with_kronfluence, args.repeats, set(args.sections),
+                              sorted(set(args.variants) | {"ours"}, key=list(OURS_VARIANTS).index))
         result["environment"] = {**environment, "load_average_after": os.getloadavg()}
         atomic_write_text(json.dumps(result, indent=2) + "\n", out_dir / f"{name}_{device.type}.json")
         print(f"{name}: done")

@@ -6,7 +6,8 @@ from 1000. Table 1's InfEmbed configuration (harness.dcbench.methods.TABLE1_INFE
 chosen here: ``--grid`` runs the D x K x selection grid -> results/ablations_grid.md.
 The default run changes one setting of the base configuration per row: P (with the
 Arnoldi iterations actually run and whether Arnoldi broke down), D, K, the layers theta
-covers, the lambda^-1/2 scaling, the selection rule and the in-slice scoring. The other
+covers, the lambda^-1/2 scaling, the curvature (Hessian or Gauss-Newton), the selection
+rule and the in-slice scoring. The other
 methods are measured on the same problems for reference.
 
 Run: ``python -m experiments.ablations [--grid] [--problems N] [--workers W]``.
@@ -47,6 +48,7 @@ VARIANTS: list[tuple[str, InfEmbedConfig]] = [
     ("layers: last (classifier only)", replace(BASE, layers="last")),
     ("layers: head (both layers)", replace(BASE, layers="head")),
     ("no lambda^-1/2 scaling", replace(BASE, scaled=False)),
+    ("curvature: Gauss-Newton (GGN)", replace(BASE, curvature="ggn")),
     ("selection: lowest accuracy", replace(BASE, selection="accuracy")),
     ("selection: most errors", replace(BASE, selection="errors")),
     ("selection: InfEmbed-Rule (A=0.5, S=10)", replace(BASE, selection="rule")),

@@ -35,6 +35,7 @@ from harness.hessian import (
     check_finite,
     full_precision,
     iterate_batches,
+    memory_budget,
     select_parameters,
     top_eigenpairs,
 )
@@ -56,7 +57,7 @@ from harness.validation import (
 
 FACTORS_FORMAT = "harness.influence-factors/1"
 CURVATURES = ("hessian", "ggn")
-PROJECTIONS = ("auto", "gradients", "forward", "closed_form")
+PROJECTIONS = ("auto", "gradients", "forward", "closed_form", "layerwise")
 # A kept eigenpair whose Ritz residual exceeds this fraction of its eigenvalue has not
 # converged: its direction (and so the embeddings) can be far from the Hessian's.
 RITZ_RESIDUAL_WARNING = 0.1
@@ -91,6 +92,20 @@ class FactorConfig:
         metadata={"help": "Krylov directions per HVP pass (1 = plain Arnoldi); 'auto': from P / D and memory."},
     )
     float64_basis: bool = field(default=False, metadata={"help": "Keep the Krylov basis in float64."})
+    merge_fit_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "Concatenate fit batches of equal layout into larger ones (within a memory budget): fewer, "
+            "larger HVP calls for the same Hessian (round-off aside)."
+        },
+    )
+    frozen_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the frozen modules before theta once per fit batch, not once per HVP pass (used only "
+            "where checked exact on the first batch and the outputs fit a quarter of the device's memory)."
+        },
+    )
 
 
 class InfluenceEmbedder:
@@ -135,13 +150,29 @@ class InfluenceEmbedder:
         must not depend on the machine.
     float64_basis : bool
         Keep the P x |theta| Krylov basis (and its orthogonalisation) in float64.
-    projection : {"auto", "gradients", "forward", "closed_form"}
+    merge_fit_batches : bool
+        Fit concatenates consecutive fit batches whose tensors agree in everything but
+        the example count into batches of up to a sixteenth of the device's memory (by
+        the bytes autograd saves per example), held for the P passes when the inputs fit a
+        quarter of it: the same summed Hessian in fewer, larger HVP calls (small models
+        spend most of an HVP in per-call overhead); sums differ only by round-off.
+    frozen_prefix : bool
+        Fit runs the frozen modules a forward passes through before it reaches theta (a
+        ResNet's conv1..layer3 for theta = layer4 + fc) once per fit batch and replays
+        their outputs in the P passes, where :class:`harness.fastpaths.FrozenPrefix`
+        checks that exact on the first batch and their outputs for all fit batches fit a
+        quarter of the device's memory; ``frozen_prefix_`` names the replayed modules.
+    projection : {"auto", "gradients", "forward", "closed_form", "layerwise"}
         How transform computes gradients times M lambda^-1/2, all exact: per-example
         gradients (vmap), forward-mode directional derivatives (one tangent per
-        embedding column), or the closed form when theta is a last nn.Linear producing
-        the logits of a cross-entropy task. "auto" picks the closed form where it
-        applies, else forward mode when D is small (<= 24 with convolutions in theta,
-        <= 2 otherwise), else per-example gradients; ``projection_mode_`` says which.
+        embedding column), the closed form when theta is a last nn.Linear producing
+        the logits of a cross-entropy task, or layer-wise from each selected layer's
+        inputs and output gradients (one forward and backward per batch; theta made of
+        Linear, Conv1d/2d, LayerNorm and BatchNorm layers, see
+        :class:`harness.fastpaths.LayerwiseProjection`). "auto" picks the closed form
+        where it applies, else layer-wise (checked on the first batch), else forward
+        mode when D is small (<= 24 with convolutions in theta, <= 2 otherwise), else
+        per-example gradients; ``projection_mode_`` says which.
     trunk : callable, optional
         When the selected layers are a suffix of the network, say so here: ``model`` is
         then the head that holds them, and ``trunk`` maps a model batch of the loaders
@@ -208,6 +239,8 @@ class InfluenceEmbedder:
         curvature: str = "hessian",
         block_size: int | str = "auto",
         float64_basis: bool = False,
+        merge_fit_batches: bool = True,
+        frozen_prefix: bool = True,
         projection: str = "auto",
         trunk: Callable[[Any], Any] | None = None,
     ):
@@ -237,6 +270,8 @@ class InfluenceEmbedder:
             curvature=check_choice(curvature, "curvature", CURVATURES),
             block_size=block_size,
             float64_basis=check_bool(float64_basis, "float64_basis"),
+            merge_fit_batches=check_bool(merge_fit_batches, "merge_fit_batches"),
+            frozen_prefix=check_bool(frozen_prefix, "frozen_prefix"),
         )
         self.projection_mode = check_choice(projection, "projection", PROJECTIONS)
         chunk_size = check_optional_int(chunk_size, "chunk_size", 1)
@@ -267,15 +302,25 @@ class InfluenceEmbedder:
         mode = self.projection_mode_
         if mode == "closed_form":
             return self._linear_logits_head.project(batch, projection)
+        if mode == "layerwise":
+            embeddings = self._layerwise.project(params, batch, projection)
+            if embeddings is not None:
+                return embeddings
+            if self.projection_mode == "layerwise":
+                raise InputError(
+                    'projection="layerwise" does not apply to this model: a selected parameter is used outside '
+                    "its layer, examples interact, or a layer input is changed in place (use projection=\"auto\")"
+                )
+            self.projection_mode_ = mode = self._fallback_projection()
         if mode == "forward":
             return self._loss.directional_derivatives(params, batch, projection, self.chunk_size)
         return self._loss.per_example_grads(params, batch) @ projection
 
     def _choose_projection(self, params: dict[str, torch.Tensor], first_batch: Any) -> str:
         """The exact projection ``projection`` names, or for "auto" the fastest one
-        (see the class docstring): the closed form for a last linear layer, forward mode
-        for small D, per-example gradients otherwise."""
-        from harness.fastpaths import LinearLogitsHead
+        (see the class docstring): the closed form for a last linear layer, layer-wise
+        for supported layers, forward mode for small D, per-example gradients otherwise."""
+        from harness.fastpaths import LayerwiseProjection, LinearLogitsHead
 
         requested = self.projection_mode
         head = LinearLogitsHead.find(self.model, self.task, self.selection, self._loss, first_batch)
@@ -285,10 +330,22 @@ class InfluenceEmbedder:
                 "cross-entropy task (2-D inputs)"
             )
         self._linear_logits_head = head
+        self._layerwise = LayerwiseProjection.find(self.model, self.selection, self._loss)
+        if requested == "layerwise" and self._layerwise is None:
+            raise InputError(
+                'projection="layerwise" needs every selected parameter to be the weight or bias of an nn.Linear, '
+                "nn.Conv1d/2d (groups=1, zero padding), nn.LayerNorm or BatchNorm layer"
+            )
         if requested != "auto":
             return requested
         if head is not None:
             return "closed_form"
+        if self._layerwise is not None:
+            return "layerwise"
+        return self._fallback_projection()
+
+    def _fallback_projection(self) -> str:
+        """Forward mode for small D, per-example gradients otherwise."""
         convolutional = any(
             isinstance(module, nn.modules.conv._ConvNd) and any(
                 f"{name}.{p}" in self.selection.names for p, _ in module.named_parameters(recurse=False)
@@ -346,18 +403,24 @@ class InfluenceEmbedder:
                 raise InputError("empty loader: the fit loaders of all ranks yielded no batch")
             scale = 1.0 / n_examples if cfg.hessian_reduction == "mean" else 1.0
             block_size = self._block_size(params, first)
+            held = self._merged_batches(params, loader, first, n_local) if cfg.merge_fit_batches else None
+            prefix = self._frozen_prefix(params, loader, held, first, n_local)
+            if prefix is not None:
+                held = prefix.batches
+            self.frozen_prefix_ = list(prefix.names) if prefix is not None else []
+            self.n_fit_batches_ = len(held) if held is not None else None
 
             def curvature_product(vectors: torch.Tensor) -> torch.Tensor:
                 total = torch.zeros_like(vectors)
-                for _, batch in iterate_batches(
-                    loader, self.task, self._loss, self.device, validate=False, what="fit", allow_empty=sharded
-                ):
-                    if cfg.curvature == "ggn":
-                        total += self._loss.ggn_block(params, batch, vectors)
-                    elif len(vectors) == 1:  # plain Arnoldi: no vmap
-                        total[0] += self._loss.hvp(params, batch, vectors[0])
-                    else:
-                        total += self._loss.hvp_block(params, batch, vectors)
+                batches = held if held is not None else self._model_batches(loader)
+                for i, batch in enumerate(batches):  # validated in the first pass
+                    with prefix.replaying(i) if prefix is not None else contextlib.nullcontext():
+                        if cfg.curvature == "ggn":
+                            total += self._loss.ggn_block(params, batch, vectors)
+                        elif len(vectors) == 1:  # plain Arnoldi: no vmap
+                            total[0] += self._loss.hvp(params, batch, vectors[0])
+                        else:
+                            total += self._loss.hvp_block(params, batch, vectors)
                 return distributed.all_reduce_sum(total) * scale
 
             generator = torch.Generator().manual_seed(cfg.seed)
@@ -406,6 +469,57 @@ class InfluenceEmbedder:
         self.n_fit_examples_ = int(n_examples)
         self._projection = None
         return self
+
+    def _model_batches(self, loader: Iterable) -> Iterator[Any]:
+        for raw in loader:
+            yield move_to(self.task.model_batch(raw), self.device)
+
+    def _merged_batches(self, params: dict[str, torch.Tensor], loader: Iterable, first_batch: Any, n_examples: int):
+        """The fit batches concatenated (see ``merge_fit_batches``), or None: stream the
+        loader in every pass (its inputs do not fit, or nothing would be merged)."""
+        from harness.fastpaths import concatenate_batches, same_layout, tensor_bytes
+
+        if first_batch is None:
+            return None
+        first_size = max(batch_length(first_batch), 1)
+        input_bytes = tensor_bytes(first_batch) / first_size
+        budget = memory_budget(self.device)
+        if input_bytes * n_examples > budget or n_examples <= first_size:
+            return None
+        per_example = 3 * self._loss.saved_bytes(params, first_batch) / first_size + input_bytes
+        largest = max(first_size, int(budget // 4 // max(per_example, 1)))
+        merged: list[Any] = []
+        pending: list[Any] = []
+        count = 0
+        for batch in self._model_batches(loader):
+            size = batch_length(batch)
+            if pending and (count + size > largest or not same_layout(pending[0], batch)):
+                merged.append(concatenate_batches(pending))
+                pending, count = [], 0
+            pending.append(batch)
+            count += size
+        if pending:
+            merged.append(concatenate_batches(pending))
+        return merged
+
+    def _frozen_prefix(self, params: dict[str, torch.Tensor], loader: Iterable, held: list | None,
+                       first_batch: Any, n_examples: int):
+        """The FrozenPrefix holding its outputs for every fit batch (``held``, else the
+        loader's), or None; see ``frozen_prefix`` in the class docstring."""
+        from harness.fastpaths import FrozenPrefix
+
+        if not self.config.frozen_prefix or self.trunk is not None or first_batch is None:
+            return None
+        probe = held[0] if held is not None else first_batch
+        prefix = FrozenPrefix.find(self._loss, params, probe)
+        if prefix is None:
+            return None
+        budget = memory_budget(self.device)
+        for batch in held if held is not None else self._model_batches(loader):
+            prefix.add_batch(params, batch)
+            if prefix.bytes_per_batch() * n_examples / max(batch_length(probe), 1) > budget:
+                return None
+        return prefix
 
     def _block_size(self, params: dict[str, torch.Tensor], first_batch: Any) -> int:
         """The configured block size, or (``"auto"``) the one the memory allows for the

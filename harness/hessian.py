@@ -249,6 +249,16 @@ def full_precision() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
+def memory_budget(device: torch.device) -> int:
+    """A quarter of the device's *total* memory (not free memory: the same machine then
+    always makes the same choice, and the same seed gives the same factors)."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total // 4)
+
+
 def automatic_block_size(per_direction_bytes: int, n_iterations: int, n_components: int, device: torch.device) -> int:
     """Directions per HVP pass: at most P / (2 D) - 1 (convergence, see above) and
     :data:`MAX_BLOCK_SIZE`, and as many as fit a quarter of the device's *total* memory
@@ -257,11 +267,7 @@ def automatic_block_size(per_direction_bytes: int, n_iterations: int, n_componen
     converging = n_iterations // (2 * n_components) - 1
     if converging <= 1:
         return 1
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    fitting = int(total // 4 // max(per_direction_bytes, 1))
+    fitting = int(memory_budget(device) // max(per_direction_bytes, 1))
     return max(1, min(MAX_BLOCK_SIZE, converging, fitting))
 
 

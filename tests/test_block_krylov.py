@@ -4,7 +4,9 @@ a textbook scalar Arnoldi, per-example gradients and Captum."""
 
 from __future__ import annotations
 
+import copy
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -261,17 +263,20 @@ class SmallConvNet(nn.Module):
 
 
 def test_automatic_projection_picks_an_exact_path(mlp64):
-    """Closed form for a last linear layer, forward mode for small D with convolutions,
-    per-example gradients otherwise; each equals the per-example-gradient embeddings."""
+    """Closed form for a last linear layer, layer-wise for Linear/Conv/norm layers; with
+    other layers in theta forward mode for small D, per-example gradients otherwise; each
+    equals the per-example-gradient embeddings."""
     torch.manual_seed(0)
     images = torch.randn(40, 1, 8, 8, dtype=torch.float64)
     labels = torch.randint(0, 4, (40,))
     conv = SmallConvNet().double()
+    with_prelu = nn.Sequential(mlp64.model[0], nn.PReLU().double(), mlp64.model[2])  # PReLU: no layer-wise rule
     cases = [
         (mlp64.model, "2", mlp64.loader("train"), mlp64.loader("test"), 4, "closed_form"),
-        (mlp64.model, None, mlp64.loader("train"), mlp64.loader("test"), 2, "forward"),
-        (mlp64.model, None, mlp64.loader("train"), mlp64.loader("test"), 6, "gradients"),
-        (conv, None, _loader(images, labels, 16), _loader(images, labels, 16), 4, "forward"),
+        (mlp64.model, None, mlp64.loader("train"), mlp64.loader("test"), 2, "layerwise"),
+        (with_prelu, None, mlp64.loader("train"), mlp64.loader("test"), 2, "forward"),
+        (with_prelu, None, mlp64.loader("train"), mlp64.loader("test"), 6, "gradients"),
+        (conv, None, _loader(images, labels, 16), _loader(images, labels, 16), 4, "layerwise"),
         (conv, "fc", _loader(images, labels, 16), _loader(images, labels, 16), 4, "closed_form"),
     ]
     for model, layers, fit_loader, test_loader, d, expected in cases:
@@ -300,3 +305,24 @@ def test_trunk_argument_equals_the_full_model_with_the_suffix_selected(mlp64):
                                rtol=1e-6, atol=1e-9)
     with pytest.raises(InputError, match="trunk"):
         InfluenceEmbedder(model[2], trunk="layer3")
+
+
+def test_table1_configuration_takes_the_gauss_newton_curvature(mlp64):
+    """InfEmbedConfig(curvature="ggn") (the ablation row) reaches FactorHessian; the Hessian
+    default keeps the cache key it had before the field existed."""
+    from dataclasses import asdict
+
+    from harness.dcbench.methods import InfEmbedConfig, influence_embeddings
+    from harness.dcbench.runner import _config_record
+
+    x, y = (t.float() if t.is_floating_point() else t for t in mlp64.train)
+    head = copy.deepcopy(mlp64.model).float()
+    fit, embed = (x.numpy(), y.numpy()), (x[:40].numpy(), y[:40].numpy())
+    config = InfEmbedConfig(arnoldi_dim=20, embedding_dim=5, n_fit=200)
+    (hessian,), _ = influence_embeddings(head, config, fit, embed)
+    (ggn,), _ = influence_embeddings(head, replace(config, curvature="ggn"), fit, embed)
+    assert hessian.shape == ggn.shape and not np.allclose(np.abs(hessian), np.abs(ggn), rtol=1e-3)
+    assert "curvature" not in _config_record(config) and _config_record(replace(config, curvature="ggn"))["curvature"] == "ggn"
+    assert set(asdict(config)) - set(_config_record(config)) == {"curvature"}
+    with pytest.raises(InputError, match="curvature"):
+        InfEmbedConfig(curvature="fisher")

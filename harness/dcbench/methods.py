@@ -44,6 +44,8 @@ class InfEmbedConfig:
         ``rule_max_accuracy`` A and ``rule_min_size`` S; slices with most errors first).
     scoring : in-slice ranking of test examples: "distance" (minus the distance to the
         slice's centroid), "soft" or "membership" (see KMeansSlicer).
+    curvature : the curvature FactorHessian factors, "hessian" (the paper) or "ggn" (an
+        ablation; see InfluenceEmbedder).
     """
 
     layers: str = field(default="head", metadata={"help": "'head' (all head layers) or 'last' (classifier)."})
@@ -57,12 +59,15 @@ class InfEmbedConfig:
     rule_max_accuracy: float = field(default=0.5, metadata={"help": "InfEmbed-Rule's A."})
     rule_min_size: int = field(default=10, metadata={"help": "InfEmbed-Rule's S."})
     seed: int = field(default=0, metadata={"help": "Seeds the fit subset, Arnoldi and K-Means."})
+    curvature: str = field(default="hessian", metadata={"help": "'hessian' (the paper) or 'ggn' (Gauss-Newton)."})
 
     def __post_init__(self):
         if self.layers not in LAYERS:
             raise InputError(f"layers must be one of {tuple(LAYERS)}; got {self.layers!r}")
         if self.selection not in SELECTIONS:
             raise InputError(f"selection must be one of {SELECTIONS}; got {self.selection!r}")
+        if self.curvature not in ("hessian", "ggn"):
+            raise InputError(f"curvature must be 'hessian' or 'ggn'; got {self.curvature!r}")
         if self.scoring not in SCORINGS:
             raise InputError(f"scoring must be one of {SCORINGS}; got {self.scoring!r}")
         for name in ("arnoldi_dim", "embedding_dim", "n_fit", "n_clusters", "rule_min_size"):
@@ -101,9 +106,12 @@ def influence_embeddings(head: nn.Module, config: InfEmbedConfig, fit: tuple[np.
     arnoldi_dim = min(config.arnoldi_dim, n_params)
     # Plain Arnoldi (block size 1), the paper's FactorHessian: "auto" would take blocks of 4 at
     # P = 10 D, which span another Krylov space and so move slices, and results/ was made with it.
+    # Likewise the projection results/ was made with: per-example gradients for the whole head
+    # (the layer-wise projection "auto" now picks agrees to float32 round-off, not bit for bit).
     embedder = InfluenceEmbedder(head, layers=chosen, arnoldi_dim=arnoldi_dim,
                                  embedding_dim=min(config.embedding_dim, arnoldi_dim), seed=config.seed, progress=False,
-                                 block_size=1)
+                                 block_size=1, curvature=config.curvature,
+                                 projection="gradients" if chosen is None else "auto")
     with warnings.catch_warnings():
         # Fewer than D positive eigenpairs is recorded in n_components, not warned about per problem.
         warnings.simplefilter("ignore", UserWarning)

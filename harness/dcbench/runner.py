@@ -308,7 +308,7 @@ def variant_scores(run: ProblemRun, variants: Sequence[tuple[str, InfEmbedConfig
 
     embeddings: dict[tuple, tuple[np.ndarray, np.ndarray, dict]] = {}
     widest: dict[tuple, int] = {}
-    key = lambda c: (c.layers, c.arnoldi_dim, c.n_fit, c.scaled, c.seed)  # noqa: E731
+    key = lambda c: (c.layers, c.arnoldi_dim, c.n_fit, c.scaled, c.seed, c.curvature)  # noqa: E731
     for _, config in variants:
         widest[key(config)] = max(widest.get(key(config), 0), config.embedding_dim)
     scores, infos = {}, {}
@@ -327,8 +327,17 @@ def _job_key(suite: Suite, spec: ProblemSpec, config: InfEmbedConfig, trunk_weig
              variants: Sequence[tuple[str, InfEmbedConfig]] | None) -> str:
     spotlight = SPOTLIGHT_OPTIONS if spotlight_slicer_class() is not None else None
     return config_key({"format": RUNS_FORMAT, "head": _head_key(suite, spec, trunk_weights),
-                       "infembed": asdict(config), "spotlight": spotlight,
-                       "variants": [(n, asdict(c)) for n, c in variants] if variants else None})
+                       "infembed": _config_record(config), "spotlight": spotlight,
+                       "variants": [(n, _config_record(c)) for n, c in variants] if variants else None})
+
+
+def _config_record(config: InfEmbedConfig) -> dict:
+    """The configuration in the cache key; the curvature only when not the Hessian, so that
+    runs cached before the field existed keep their keys."""
+    record = asdict(config)
+    if record["curvature"] == "hessian":
+        del record["curvature"]
+    return record
 
 
 def _run_job(suite_name: str, spec: ProblemSpec, config: InfEmbedConfig, path: str,

@@ -1,0 +1,112 @@
+"""Fit with the frozen prefix run once per fit batch (harness.fastpaths.FrozenPrefix)
+against fit without it: the same factors bit for bit, and what it refuses to replay."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.models import resnet18
+
+from harness import InfluenceEmbedder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _both(model, layers, loader, **options):
+    fits = [
+        InfluenceEmbedder(model, layers, 12, 4, seed=3, progress=False, block_size=1, frozen_prefix=flag, **options)
+        .fit(loader)
+        for flag in (True, False)
+    ]
+    np.testing.assert_array_equal(fits[0].eigenvalues_.numpy(), fits[1].eigenvalues_.numpy())
+    torch.testing.assert_close(fits[0].factors_, fits[1].factors_, rtol=0, atol=0)
+    assert fits[1].frozen_prefix_ == []
+    return fits[0]
+
+
+def test_mlp_suffix_replays_the_first_layers(mlp64):
+    fitted = _both(mlp64.model, "2", mlp64.loader("train"))
+    assert fitted.frozen_prefix_ == ["0", "1"]
+    assert _both(mlp64.model, None, mlp64.loader("train")).frozen_prefix_ == []  # nothing before theta
+    ggn = _both(mlp64.model, "2", mlp64.loader("train"), curvature="ggn")
+    assert ggn.frozen_prefix_ == ["0", "1"]
+
+
+def test_resnet_layer4_replays_the_stem_and_first_stages():
+    torch.manual_seed(0)
+    model = resnet18(num_classes=4).double().eval()
+    x, y = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 4, (6,))
+    fitted = _both(model, ["layer4", "fc"], DataLoader(TensorDataset(x, y), batch_size=3))
+    # bn1's output is changed in place by the ReLU(inplace=True) after it: bn1 runs every pass
+    assert fitted.frozen_prefix_ == ["conv1", "relu", "maxpool", "layer1", "layer2", "layer3"]
+
+
+class HiddenUse(nn.Module):
+    """`pre` holds no selected parameter but its input already depends on theta (out.weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.pre, self.out = nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.first(x)
+        return self.out(self.pre(h @ self.out.weight.T @ self.out.weight))
+
+
+class InPlaceAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.first(x)
+        h.mul_(2.0)  # changes the frozen module's output after it returned
+        return self.out(h)
+
+
+def test_hidden_uses_and_in_place_changes_are_not_replayed():
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    hidden = _both(HiddenUse().double(), "out", loader)
+    assert hidden.frozen_prefix_ == ["first"]  # not "pre": its output moves with theta
+    assert _both(InPlaceAfter().double(), "out", loader).frozen_prefix_ == []
+
+
+def test_merged_fit_batches_give_the_same_factors(mlp64):
+    """Batches of 50 merged into one per pass: the same Hessian up to round-off."""
+    loader = mlp64.loader("train", batch_size=50)
+    options = dict(arnoldi_dim=20, embedding_dim=6, seed=1, progress=False, block_size=1)
+    merged = InfluenceEmbedder(mlp64.model, **options).fit(loader)
+    streamed = InfluenceEmbedder(mlp64.model, merge_fit_batches=False, **options).fit(loader)
+    assert merged.n_fit_batches_ == 1 and streamed.n_fit_batches_ is None
+    np.testing.assert_allclose(merged.eigenvalues_.numpy(), streamed.eigenvalues_.numpy(), rtol=1e-9)
+    test = mlp64.loader("test")
+    np.testing.assert_allclose(merged.transform(test), streamed.transform(test), rtol=1e-6, atol=1e-9)
+    suffix = InfluenceEmbedder(mlp64.model, "2", **options).fit(loader)  # merged, then the prefix replayed
+    assert suffix.n_fit_batches_ == 1 and suffix.frozen_prefix_ == ["0", "1"]
+
+
+def test_batches_of_other_layouts_are_not_merged():
+    from harness.fastpaths import concatenate_batches, same_layout
+
+    a = (torch.zeros(3, 5), torch.zeros(3, dtype=torch.long))
+    b = (torch.ones(2, 5), torch.ones(2, dtype=torch.long))
+    assert same_layout(a, b) and not same_layout(a, (torch.zeros(2, 6), b[1]))
+    assert not same_layout(a, (b[0].double(), b[1])) and not same_layout({"x": a[0]}, {"y": a[0]})
+    joined = concatenate_batches([a, b])
+    assert joined[0].shape == (5, 5) and joined[1].tolist() == [0, 0, 0, 1, 1]
+    x = torch.randn(20, 4, dtype=torch.float64)
+    ragged = [(x[:10], torch.zeros(10, dtype=torch.long)), (x[10:, :4], torch.ones(10, dtype=torch.long))]
+    model = nn.Linear(4, 2).double()
+    fitted = InfluenceEmbedder(model, None, 6, 2, progress=False, block_size=1).fit(ragged)
+    assert fitted.n_fit_batches_ == 1
