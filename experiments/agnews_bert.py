@@ -18,15 +18,17 @@ texts; its training set is not shipped, so FactorHessian and the opponent search
 analysed texts themselves (as the paper did for ImageNet).
 
 Influence layers: ``bert.pooler.dense`` + ``classifier`` (the paper's), on the cached
-[CLS] states, which gives the whole model's gradients for those layers.
+[CLS] states, which gives the whole model's gradients for those layers. The cached stages
+(features, head, factors, embeddings) and the coverage metrics are
+:mod:`experiments.pipeline`'s; this module keeps the AG News data, the accuracy rule on
+the clusters and the text tables.
 
     python -m experiments.agnews_bert                 # offline default, CPU
-    python -m experiments.agnews_bert --device cuda   # paper scale: P = 500, D = 100, fit on all 2,000
+    python -m experiments.agnews_bert --device cuda   # paper scale (--paper-scale): P = 500, D = 100, fit on all 2,000
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import time
 from dataclasses import asdict, dataclass
@@ -35,27 +37,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from harness import kmeans_slices, summarize_slices
-from harness.data.agnews import load_agnews, stratified_split
+from harness import FactorConfig
+from harness.cache import content_key
+from harness.data.agnews import load_agnews
+from harness.data.splits import stratified_split
 from harness.errors import InputError
-from harness.models import cached_features
 from harness.models.text import PAPER_AGNEWS_MODEL, TokenizedTexts, load_sequence_classifier, minilm_path, \
     split_bert_classifier
-from harness.paths import cache_dir
+from harness.options import option
 from harness.report.figures import plot_slice_distributions, text_slice_table, write_text_table
-from harness.train import TrainConfig, cached_training, config_key, predict, train_model
-from experiments.common import (
-    add_config_options,
-    cached_embedder,
-    cached_embeddings,
-    errors_by_pair,
-    feature_loader,
-    opponents_per_slice,
-    resolve_config,
-    results_dir,
-    state_key,
-    write_results,
-)
+from harness.train import TrainConfig
+from experiments.pipeline import Part, Source, Study, Training, embed, errors_by_pair, results_dir, study_config, \
+    study_parser, write_results
 
 EXPERIMENT = "agnews_bert"
 PAPER = {
@@ -69,38 +62,35 @@ PAPER = {
 
 @dataclass
 class AGNewsConfig:
-    # 'minilm' (offline default), 'paper' (fabriceyhc/bert-base-uncased-ag_news) or the
-    # local path / Hub name of a fine-tuned 4-class BERT classifier.
-    model: str = "minilm"
-    n_finetune: int = 2000
-    limit: int | None = None
-    max_length: int = 128
-    finetune_epochs: int = 20
-    finetune_lr: float = 1e-3
-    batch_size: int = 64
-    fit_examples: int | None = 500
-    arnoldi_dim: int = 100
-    embedding_dim: int = 50
-    n_slices: int = 25
-    max_accuracy: float = 0.10
-    min_size: int = 10
-    n_nearest: int = 3
-    n_opponents: int = 5
-    seed: int = 0
-    device: str = "cpu"
+    model: str = option("minilm", "'minilm' (offline default: fine-tune a head on the frozen MiniLM encoder), 'paper' "
+                                  "(fabriceyhc/bert-base-uncased-ag_news) or the local path / Hub name of a "
+                                  "fine-tuned 4-class BERT classifier")
+    n_finetune: int = option(2000, "texts (stratified) that fine-tune the head with --model minilm")
+    limit: int | None = option(None, "use a stratified subset of this many texts")
+    max_length: int = option(128, "tokens per text")
+    finetune_epochs: int = option(20, "epochs of head fine-tuning")
+    finetune_lr: float = option(1e-3, "learning rate of head fine-tuning (AdamW)")
+    batch_size: int = option(64, "batch size of every pass")
+    fit_examples: int | None = option(500, "FactorHessian on a stratified subset of this many pool texts "
+                                           "('none': all of them)")
+    arnoldi_dim: int = option(100, "P: Arnoldi iterations")
+    embedding_dim: int = option(50, "D: embedding width")
+    n_slices: int = option(25, "K: K-Means clusters")
+    max_accuracy: float = option(0.10, "report clusters with accuracy <= this")
+    min_size: int = option(10, "... and at least this many texts")
+    n_nearest: int = option(3, "texts nearest each slice centre to list")
+    n_opponents: int = option(5, "opponents (most harmful fine-tuning texts) per slice")
+    seed: int = option(0, "seeds the splits, the new classifier, fine-tuning, the Arnoldi start and K-Means")
+    device: str = option("cpu", "torch device, e.g. cpu or cuda")
 
 
-# --device cuda: the paper's P and D, FactorHessian on the whole fine-tuning part.
+# --paper-scale (default with --device cuda): the paper's P and D, FactorHessian on the whole fine-tuning part.
 PAPER_SCALE = dict(fit_examples=None, arnoldi_dim=500, embedding_dim=100)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    defaults = AGNewsConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m experiments.agnews_bert")
+def build_parser():
+    parser = study_parser(AGNewsConfig, __doc__, "python -m experiments.agnews_bert", PAPER_SCALE)
     parser.add_argument("--online", action="store_true", help="allow downloading --model from the Hugging Face Hub")
-    parser.add_argument("--out", default=None, help="results folder (default: results/agnews_bert)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_options(parser, defaults, PAPER_SCALE)
     return parser
 
 
@@ -120,68 +110,42 @@ def run(config: AGNewsConfig, out: str | None = None, online: bool = False, prog
     split = split_bert_classifier(model)
     model.to(config.device)
 
-    # Stage 1: [CLS] states of every text under the (frozen) encoder, length-sorted to pad little.
-    texts_md5 = hashlib.md5("\n".join(data.texts).encode()).hexdigest()
-    feature_key = {"model": config.model, "texts": texts_md5, "max_length": config.max_length}
+    # [CLS] states of every text under the frozen encoder, in length order to pad little;
+    # the pool of opponents is the fine-tuning part (the model's training data).
     tokens = TokenizedTexts(tokenizer, data.texts, data.labels, config.max_length)
     order = np.argsort(tokens.lengths(), kind="stable")
-    features, targets = cached_features(
-        split.trunk, DataLoader(Subset(tokens, order.tolist()), batch_size=config.batch_size), model,
-        cache_dir(EXPERIMENT, "features") / f"{config_key(feature_key)}.pt", config.device, progress, "[CLS] states",
-    )
-    features, targets = features[np.argsort(order)], targets[np.argsort(order)]
-
-    # Stage 2: which texts train the head, which are analysed, where opponents come from.
+    texts_key = content_key(hashlib.md5("\n".join(data.texts).encode()).hexdigest(), config.max_length, config.model)
     if fine_tune:
         train_idx, analysed_idx = stratified_split(data.labels, config.n_finetune, config.seed)
-        train_config = TrainConfig(epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed,
-                                   device=config.device)
-        loader = feature_loader(features[train_idx], targets[train_idx], config.batch_size, True, config.seed)
-        cached_training(
-            split.head, lambda head: train_model(head, loader, train_config, progress=progress),
-            cache_dir(EXPERIMENT, "models"),
-            {**feature_key, "train_rows": config_key({"rows": train_idx.tolist()}), **asdict(train_config)},
-        )
-        split.head.to(config.device)
         pool_idx, pool_name = train_idx, "fine-tuning part"
     else:
         analysed_idx = np.arange(len(data))
         pool_idx, pool_name = analysed_idx, "analysed texts (the model's training set is not available)"
-    weights_key = state_key(split.head)
-
-    analysed_loader = feature_loader(features[analysed_idx], targets[analysed_idx], config.batch_size)
-    predictions = predict(split.head, analysed_loader, device=config.device, progress=progress)
-    labels, predicted = predictions.targets, predictions.predicted
-
-    # Stage 3: FactorHessian on the pool (the model's training data), embeddings of both sets.
-    key = {**feature_key, "weights": weights_key}
     fit_idx = pool_idx
     if config.fit_examples is not None and config.fit_examples < len(pool_idx):
         fit_idx = pool_idx[stratified_split(data.labels[pool_idx], config.fit_examples, config.seed)[0]]
-    embedder = cached_embedder(
-        EXPERIMENT, split.head, split.head_layers,
-        feature_loader(features[fit_idx], targets[fit_idx], config.batch_size),
-        {**key, "fit_rows": config_key({"rows": fit_idx.tolist()})},
-        arnoldi_dim=config.arnoldi_dim, embedding_dim=config.embedding_dim, seed=config.seed, device=config.device,
-        progress=progress,
+    study = Study(
+        name=EXPERIMENT, model=split, class_names=data.class_names,
+        sources={"texts": Source(DataLoader(Subset(tokens, order.tolist()), batch_size=config.batch_size), texts_key,
+                                 order=order)},
+        analysed=Part("texts", analysed_idx), fit=Part("texts", fit_idx), pool=Part("texts", pool_idx),
+        training=Training(TrainConfig(epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed,
+                                      device=config.device),
+                          on_features=Part("texts", train_idx), batch_size=config.batch_size) if fine_tune else None,
+        factors=FactorConfig(arnoldi_dim=config.arnoldi_dim, embedding_dim=config.embedding_dim, seed=config.seed),
+        batch_size=config.batch_size, device=config.device, n_nearest=config.n_nearest,
     )
-    factors_key = {**key, "P": config.arnoldi_dim, "D": config.embedding_dim, "seed": config.seed}
-    embeddings = cached_embeddings(EXPERIMENT, embedder, analysed_loader,
-                                   {**factors_key, "rows": config_key({"rows": analysed_idx.tolist()})})
-    pool_embeddings = cached_embeddings(
-        EXPERIMENT, embedder, feature_loader(features[pool_idx], targets[pool_idx], config.batch_size),
-        {**factors_key, "rows": config_key({"rows": pool_idx.tolist()})},
-    )
+    result = embed(study, progress)
+    labels, predicted = result.labels, result.predicted
 
-    # Stage 4: InfEmbed (K-Means), the rule on its clusters, opponents, tables and figures.
-    slice_ids, _ = kmeans_slices(embeddings, config.n_slices, config.seed)
-    clusters = summarize_slices(slice_ids, embeddings, labels, predicted, config.n_nearest, data.class_names)
+    # InfEmbed (K-Means), the accuracy rule on its clusters, opponents, tables and figures.
+    _, clusters = result.kmeans(config.n_slices, config.seed)
     meets = (clusters["accuracy"] <= config.max_accuracy) & (clusters["size"] >= config.min_size)
     chosen = clusters[meets].reset_index(drop=True)
     texts = [data.texts[i] for i in analysed_idx]
     pool_texts = [data.texts[i] for i in pool_idx]
     pool_labels = data.labels[pool_idx]
-    opponents = opponents_per_slice(pool_embeddings, embeddings, chosen["members"], config.n_opponents)
+    opponents = result.opponents(chosen, config.n_opponents)
     chosen["nearest_texts"] = [[texts[i] for i in row] for row in chosen["nearest"]]
     chosen["nearest_labels"] = [[f"{data.class_names[labels[i]]} / predicted {data.class_names[predicted[i]]}"
                                  for i in row] for row in chosen["nearest"]]
@@ -191,8 +155,6 @@ def run(config: AGNewsConfig, out: str | None = None, online: bool = False, prog
     chosen["opponent_labels"] = [[data.class_names[pool_labels[i]] for i in o] for o, _ in opponents]
 
     out_dir = results_dir(EXPERIMENT, out)
-    n_errors = int((labels != predicted).sum())
-    covered = int(chosen["n_errors"].sum()) if len(chosen) else 0
     if len(chosen):
         plot_slice_distributions(chosen, out_dir / "figure_f_distributions.png",
                                  title=f"AG News: {len(chosen)} slices with accuracy <= {config.max_accuracy:.0%} "
@@ -201,9 +163,6 @@ def run(config: AGNewsConfig, out: str | None = None, online: bool = False, prog
                          out_dir / "table_slices.md", out_dir / "table_slices.csv")
     clusters.drop(columns=["members"]).assign(meets_rule=meets.to_numpy()).to_csv(out_dir / "all_clusters.csv",
                                                                                  index=False)
-    in_slices = np.zeros(len(labels), dtype=bool)
-    for members in chosen["members"]:
-        in_slices[members] = True
     summary = {
         "title": "AG News: InfEmbed slices of a BERT classifier",
         "experiment": EXPERIMENT,
@@ -219,17 +178,7 @@ def run(config: AGNewsConfig, out: str | None = None, online: bool = False, prog
                 + f"; FactorHessian fitted on {len(fit_idx)} texts of the {pool_name}, opponents searched in all of it"
             ),
         },
-        "metrics": {
-            "analysed_examples": len(analysed_idx),
-            "test_accuracy": round(predictions.accuracy, 4),
-            "n_errors": n_errors,
-            "n_slices": len(chosen),
-            "slice_examples": int(chosen["size"].sum()) if len(chosen) else 0,
-            "slice_accuracy": round(float(predictions.correct[in_slices].mean()), 4) if in_slices.any() else None,
-            "errors_covered": covered,
-            "share_of_errors_covered": round(covered / n_errors, 4) if n_errors else None,
-            "embedding_components": int(embeddings.shape[1]),
-        },
+        "metrics": {**result.coverage(chosen), "embedding_components": int(result.embeddings.shape[1])},
         "error_pairs": errors_by_pair(labels, predicted, data.class_names),
         "paper": PAPER,
         "slice_tables": [{"file": "slices.csv", "title": "Slices with accuracy <= "
@@ -240,7 +189,7 @@ def run(config: AGNewsConfig, out: str | None = None, online: bool = False, prog
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    config = resolve_config(AGNewsConfig(), PAPER_SCALE, args)
+    config = study_config(AGNewsConfig, PAPER_SCALE, args)
     summary = run(config, args.out, args.online, progress=not args.quiet)
     metrics = summary["metrics"]
     print(f"AG News ({summary['data_source']['kind']}): accuracy {metrics['test_accuracy']:.3f}, "

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -65,7 +64,8 @@ from harness.data.spurious import INJECTIONS, figure_injections, inject_class
 from harness.data.tiny_imagenet import tiny_imagenet
 from harness.errors import InputError
 from harness.models import compute_features
-from harness.models.vision import resnet, split_resnet
+from harness.models.small import SmallCNN
+from harness.models.vision import GreyResNet, split_resnet
 from harness.paths import cache_dir
 from harness.report.figures import draw_distributions
 from harness.train import TrainConfig, cached_training, config_key, predict, train_model
@@ -118,40 +118,6 @@ class BoneAgeConfig:
     embedding_dim: int = 100
     n_opponents: int = 50
     device: str = "cpu"
-
-
-class SmallCNN(nn.Module):
-    """The paper's appendix-G small DNN: blocks of conv(5x5, stride 1)-ReLU-BatchNorm-max-pool,
-    then two fully connected layers (``head.fc1``, ``head.fc2``)."""
-
-    def __init__(self, n_classes: int, image_size: int, channels: int = 1,
-                 widths: tuple[int, ...] = (8, 16, 32, 32), hidden: int = 64):
-        super().__init__()
-        if image_size % (2 ** len(widths)):
-            raise InputError(f"image_size must be a multiple of {2 ** len(widths)}; got {image_size}")
-        blocks = []
-        for width in widths:
-            blocks += [nn.Conv2d(channels, width, 5, padding=2), nn.ReLU(), nn.BatchNorm2d(width), nn.MaxPool2d(2)]
-            channels = width
-        self.trunk = nn.Sequential(*blocks, nn.Flatten())
-        side = image_size // 2 ** len(widths)
-        self.head = nn.Sequential(
-            OrderedDict(fc1=nn.Linear(channels * side * side, hidden), relu=nn.ReLU(), fc2=nn.Linear(hidden, n_classes))
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(images))
-
-
-class ThreeChannelResNet(nn.Module):
-    """A torchvision ResNet; one-channel X-rays are repeated to three channels."""
-
-    def __init__(self, n_classes: int):
-        super().__init__()
-        self.net = resnet("resnet50", n_classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images.expand(-1, 3, -1, -1))
 
 
 @dataclass
@@ -246,10 +212,10 @@ def _build(config: BoneAgeConfig, n_classes: int, channels: int, seed: int):
     """(model, trunk, head, head layer names) with a seeded initialisation."""
     torch.manual_seed(seed)
     if config.model == "small_cnn":
-        model = SmallCNN(n_classes, config.image_size, channels)
+        model = SmallCNN(n_classes, config.image_size, channels=channels)
         return model, model.trunk, model.head, ["fc1", "fc2"]
     if config.model == "resnet50":
-        model = ThreeChannelResNet(n_classes)
+        model = GreyResNet(n_classes)  # repeats a single channel; photos pass through
         split = split_resnet(model.net, head_layers=("fc",))
         return model, lambda x: split.trunk(x.expand(-1, 3, -1, -1)), split.head, list(split.head_layers)
     raise InputError(f"model must be 'small_cnn' or 'resnet50'; got {config.model!r}")

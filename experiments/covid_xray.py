@@ -15,13 +15,17 @@ already in torchxrayvision's cache. Otherwise (the offline default) the model is
 (2, 2, 2, 16) layers (DenseNet-121: 6, 12, 24, 16) at 64 x 64 pixels. Block 4 keeps 16
 layers, so the paper's layers exist under the paper's names. The summary says which
 model was used. Cross-entropy over 2 logits stands in for the paper's 1-logit binary
-cross-entropy (the same model family).
+cross-entropy (the same model family). ``--paper-scale`` (default with ``--device cuda``)
+trains the full DenseNet-121 at 224 pixels. The model and its trunk/head split live in
+:mod:`harness.models.densenet`.
 
 InfEmbed: K = 3, P = 250, D = 125 with gradients in the paper's layers ``classifier``,
 ``features.denseblock4.denselayer16.conv1`` and ``...conv2``; FactorHessian is fitted on
 the training split and the test split is clustered. The trunk (everything before
 ``denselayer16``) runs once and its features are cached, so every gradient and
-Hessian-vector product runs on the small head. Outputs: Table 4 (mean of every disease
+Hessian-vector product runs on the small head; the stages are
+:func:`experiments.pipeline.embed`'s. This module keeps what is the study's own: its
+data, Table 4 and the figure. Outputs: Table 4 (mean of every disease
 label per cluster x {TN, FP, FN, TP}, NaN where a group is empty) as CSV and Markdown,
 the accuracy and outcome counts per cluster, and each cluster's label/prediction shares
 (``clusters.png``).
@@ -29,34 +33,26 @@ the accuracy and outcome counts per cluster, and each cluster's label/prediction
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from harness import kmeans_slices, summarize_slices
-from harness.data.covid import require_torchxrayvision, load_covid19, patient_split
+from harness import FactorConfig
+from harness.cache import content_key
+from harness.data.covid import load_covid19, patient_split, require_torchxrayvision
 from harness.errors import InputError
 from harness.io import atomic_write_text
-from harness.models import compute_features
-from harness.paths import cache_dir
+from harness.models.densenet import DenseNetHead, DenseNetTrunk, split_densenet, xray_densenet  # noqa: F401 (the split is tested from here)
+from harness.options import option
 from harness.report.figures import plot_slice_distributions
-from harness.train import TrainConfig, cached_training, config_key, predict, train_model
-from experiments.common import (
-    cached_embedder,
-    cached_embeddings,
-    feature_loader,
-    results_dir,
-    state_key,
-    write_results,
-)
+from harness.train import TrainConfig
+from experiments.pipeline import Part, Source, Study, Training, embed, feature_loader, results_dir, study_config, \
+    study_parser, write_results
 
 EXPERIMENT = "covid_xray"
 TARGET = "COVID-19"
@@ -70,91 +66,42 @@ PAPER = {
     "clusters": "C1: accuracy 85%, most correct predictions, 5 FP and 9 FN; C2: 4 FP + 2 TN; C3: 6 FP + 1 FN",
     "finding": "false positives in all clusters tend to have pneumonia and tuberculosis but not COVID-19",
 }
-SMALL_BLOCKS = (2, 2, 2, 16)
-DENSENET121_BLOCKS = (6, 12, 24, 16)
 
 
 @dataclass
 class CovidConfig:
-    weights: str = "none"
-    image_size: int = 64
-    blocks: str = "2,2,2,16"
-    epochs: int = 15
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 32
-    test_fraction: float = 0.2
-    n_clusters: int = 3
-    arnoldi_dim: int = 250
-    embedding_dim: int = 125
-    subset: int | None = None
-    seed: int = 0
-    device: str = "cpu"
+    weights: str = option("none", "torchxrayvision weights to fine-tune (e.g. densenet121-res224-all; only if already "
+                                  "in its cache), or 'none' to train a DenseNet from scratch")
+    image_size: int = option(64, "pixels of the (square) X-rays")
+    blocks: str = option("2,2,2,16", "layers of the 4 dense blocks when training from scratch (DenseNet-121: "
+                                     "6,12,24,16)")
+    epochs: int = option(15, "training epochs")
+    lr: float = option(1e-3, "learning rate (AdamW)")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    batch_size: int = option(32, "training batch size")
+    test_fraction: float = option(0.2, "share of patients in the test split")
+    n_clusters: int = option(3, "K: K-Means clusters of the test X-rays")
+    arnoldi_dim: int = option(250, "P: Arnoldi iterations (capped at the number of parameters in the layers)")
+    embedding_dim: int = option(125, "D: embedding width (at most P)")
+    subset: int | None = option(None, "use a seeded random subset of this many X-rays (at least 20)")
+    seed: int = option(0, "seeds the subset, the split, the initialisation, training, the Arnoldi start and K-Means")
+    device: str = option("cpu", "torch device, e.g. cpu or cuda")
 
 
-class DenseNetHead(nn.Module):
-    """The last dense layer, the final norm and the classifier of a torchxrayvision DenseNet,
-    under the model's own names (``features.denseblock4.denselayer16.conv1``, ...), fed the
-    concatenated features of layers 1-15 of block 4. Shares its modules with the model."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        block = model.features.denseblock4
-        self.last = f"denselayer{len(block)}"
-        self.features = nn.Module()
-        self.features.denseblock4 = nn.Module()
-        self.features.denseblock4.add_module(self.last, getattr(block, self.last))
-        self.features.norm5 = model.features.norm5
-        self.classifier = model.classifier
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = getattr(self.features.denseblock4, self.last)(features)  # returns cat([input, new features])
-        x = torch.relu(self.features.norm5(x))
-        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+# --paper-scale (default with --device cuda): the paper's DenseNet-121 at 224 pixels.
+PAPER_SCALE = dict(image_size=224, blocks="6,12,24,16")
 
 
-class DenseNetTrunk(nn.Module):
-    """Everything of a torchxrayvision DenseNet before the last dense layer of block 4."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images
-        for name, module in self.model.features.named_children():
-            if name == "denseblock4":
-                for layer in list(module.children())[:-1]:
-                    x = layer(x)
-                return x
-            x = module(x)
-        raise InputError("the model has no features.denseblock4")
-
-
-def build_model(config: CovidConfig) -> tuple[nn.Module, bool]:
-    """(model, pretrained): the DenseNet with a 2-way classifier."""
-    xrv = require_torchxrayvision()
+def build_model(config: CovidConfig) -> tuple[torch.nn.Module, bool]:
+    """(model, pretrained): the seeded DenseNet with a 2-way classifier."""
     torch.manual_seed(config.seed)
     if config.weights != "none":
-        if config.weights not in xrv.models.model_urls:
-            raise InputError(f"unknown torchxrayvision weights {config.weights!r}")
-        cached = Path(xrv.utils.get_cache_dir()).expanduser() / Path(xrv.models.model_urls[config.weights]["weights_url"]).name
-        if not cached.is_file():
-            raise InputError(
-                f"torchxrayvision weights {config.weights!r} are not in its cache ({cached}) and cannot be "
-                "downloaded here; use --weights none to train from scratch"
-            )
-        model = xrv.models.DenseNet(weights=config.weights)
-        model.classifier = nn.Linear(model.classifier.in_features, 2)
-        model.op_threshs = None
-        if hasattr(model, "input_resolution"):
-            # Its forward checks the input's resolution and range, which vmap cannot trace.
-            del model.input_resolution
-        return model, True
-    blocks = tuple(int(b) for b in config.blocks.split(","))
-    if len(blocks) != 4 or min(blocks) < 1:
-        raise InputError(f"blocks must be 4 positive layer counts, e.g. 2,2,2,16; got {config.blocks!r}")
-    return xrv.models.DenseNet(weights=None, num_classes=2, block_config=blocks), False
+        return xray_densenet(config.weights), True
+    try:
+        blocks = tuple(int(b) for b in config.blocks.split(","))
+    except ValueError:
+        raise InputError(f"blocks must be 4 positive layer counts, e.g. 2,2,2,16; got {config.blocks!r}") from None
+    return xray_densenet("none", blocks), False
 
 
 def load_images(config: CovidConfig, root: str | None, progress: bool = True):
@@ -203,40 +150,25 @@ def run(config: CovidConfig, out: str | None = None, root: str | None = None, pr
     images, targets, labels, pathologies, patients = load_images(config, root, progress)
     train, test = patient_split(patients, config.test_fraction, config.seed)
     model, pretrained = build_model(config)
-    train_config = TrainConfig(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
-                               seed=config.seed, device=config.device)
-    data_key = config_key({"n": len(targets), "size": config.image_size, "subset": config.subset,
-                           "test": test.tolist(), "root": str(root)})
-    train_loader = feature_loader(images[train], targets[train], config.batch_size, shuffle=True, seed=config.seed)
-    model, _ = cached_training(
-        model, lambda m: train_model(m, train_loader, train_config, progress=progress),
-        cache_dir(EXPERIMENT, "models"),
-        {"data": data_key, "weights": config.weights, "architecture": str(model), "train": asdict(train_config),
-         "batch_size": config.batch_size},
-    )
-    model.to(config.device)
-    train_eval = feature_loader(images[train], targets[train], 64)
-    test_eval = feature_loader(images[test], targets[test], 64)
-    prediction = predict(model, test_eval, device=config.device, progress=progress)
-
-    trunk = DenseNetTrunk(model)
-    head = DenseNetHead(model)
-    train_features, train_targets = compute_features(trunk, train_eval, model, config.device, progress)
-    test_features, test_targets = compute_features(trunk, test_eval, model, config.device, progress)
-    key = {"weights": state_key(model), "data": data_key}
-    n_params = sum(p.numel() for n, p in head.named_parameters() if n.startswith(PAPER_LAYERS))
+    split = split_densenet(model, PAPER_LAYERS)
+    n_params = sum(p.numel() for n, p in split.head.named_parameters() if n.startswith(PAPER_LAYERS))
     arnoldi_dim = min(config.arnoldi_dim, n_params)
-    embedding_dim = min(config.embedding_dim, arnoldi_dim)
-    embedder = cached_embedder(
-        EXPERIMENT, head, PAPER_LAYERS, feature_loader(train_features, train_targets, 64), key,
-        arnoldi_dim=arnoldi_dim, embedding_dim=embedding_dim, seed=config.seed, device=config.device,
-        progress=progress,
+    data = {name: (images[rows], targets[rows]) for name, rows in (("train", train), ("test", test))}
+    study = Study(
+        name=EXPERIMENT, model=split, class_names=["not COVID-19", TARGET],
+        sources={name: Source(feature_loader(x, y, 64), content_key(x, y)) for name, (x, y) in data.items()},
+        fit=Part("train"), analysed=Part("test"),
+        training=Training(TrainConfig(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
+                                      seed=config.seed, device=config.device),
+                          loader=feature_loader(*data["train"], config.batch_size, shuffle=True, seed=config.seed),
+                          data_key=content_key(*data["train"]), settings={"batch_size": config.batch_size}),
+        factors=FactorConfig(arnoldi_dim=arnoldi_dim, embedding_dim=min(config.embedding_dim, arnoldi_dim),
+                             seed=config.seed),
+        batch_size=64, device=config.device,
     )
-    embeddings = cached_embeddings(
-        EXPERIMENT, embedder, feature_loader(test_features, test_targets, 64),
-        {**key, "P": arnoldi_dim, "D": embedding_dim, "seed": config.seed, "split": "test"},
-    )
-    clusters, _ = kmeans_slices(embeddings, config.n_clusters, config.seed)
+    result = embed(study, progress)
+    embeddings, prediction = result.embeddings, result.predictions
+    clusters, frame = result.kmeans(config.n_clusters, config.seed)
 
     y = targets[test].numpy()
     predicted = prediction.predicted
@@ -254,7 +186,6 @@ def run(config: CovidConfig, out: str | None = None, root: str | None = None, pr
         for c in range(config.n_clusters)
     ])
     atomic_write_text(per_cluster.to_csv(index=False), out_dir / "clusters.csv")
-    frame = summarize_slices(clusters, embeddings, y, predicted, class_names=["not COVID-19", TARGET])
     frame["slice"] = [f"C{s + 1}" for s in frame["slice"]]
     plot_slice_distributions(frame, out_dir / "clusters.png", max_classes=2,
                              title=f"InfEmbed (K = {config.n_clusters}) on the COVID-19 test X-rays: labels vs predictions")
@@ -286,23 +217,15 @@ def run(config: CovidConfig, out: str | None = None, root: str | None = None, pr
     return write_results(out_dir, frame, summary, started)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    defaults = CovidConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m experiments.covid_xray")
-    parser.add_argument("--out", default=None, help="results folder (default: results/covid_xray)")
+def build_parser():
+    parser = study_parser(CovidConfig, __doc__, "python -m experiments.covid_xray", PAPER_SCALE)
     parser.add_argument("--covid-root", default=None, help="clone of ieee8023/covid-chestxray-dataset (default: shared)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    for f in fields(CovidConfig):
-        default = getattr(defaults, f.name)
-        kind = type(default) if default is not None else int
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=f"default {default}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    config = CovidConfig(**{f.name: getattr(args, f.name) for f in fields(CovidConfig)})
-    summary = run(config, args.out, args.covid_root, progress=not args.quiet)
+    summary = run(study_config(CovidConfig, PAPER_SCALE, args), args.out, args.covid_root, progress=not args.quiet)
     print(json.dumps({k: summary[k] for k in ("model", "test_accuracy", "majority_class_accuracy", "outcomes",
                                               "clusters")}, indent=1))
     return summary

@@ -8,8 +8,10 @@ Public API::
 from harness.embed import FactorConfig, InfluenceEmbedder
 from harness.errors import InputError
 from harness.slicing import (
+    RuleConfig,
     RuleNode,
     kmeans_slices,
+    opponents_per_slice,
     rule_slices,
     slice_influence,
     slice_opponents,
@@ -24,9 +26,11 @@ __all__ = [
     "HuggingFaceClassificationTask",
     "InfluenceEmbedder",
     "InputError",
+    "RuleConfig",
     "RuleNode",
     "Task",
     "kmeans_slices",
+    "opponents_per_slice",
     "rule_slices",
     "slice_influence",
     "slice_opponents",

@@ -1,4 +1,5 @@
-"""Slices from influence embeddings: K-Means (InfEmbed), InfEmbed-Rule, opponents, summaries."""
+"""Slices from influence embeddings: K-Means (InfEmbed), InfEmbed-Rule (its thresholds in
+:class:`RuleConfig`), opponents, summaries."""
 
 from __future__ import annotations
 
@@ -8,11 +9,22 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from sklearn.cluster import KMeans
+from tqdm.auto import tqdm
 
 from harness.errors import InputError
 from harness.validation import check_float, check_indices, check_int, check_numeric_array, check_seed
 
 KMEANS_N_INIT = 10
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """InfEmbed-Rule's thresholds; the defaults are the paper's ImageNet values."""
+
+    max_accuracy: float = field(default=0.4, metadata={"help": "A: a slice has accuracy <= A."})
+    min_size: int = field(default=25, metadata={"help": "S: a slice has at least S examples."})
+    branching: int = field(default=3, metadata={"help": "B: K-Means clusters per split of a region."})
+    max_depth: int = field(default=10, metadata={"help": "Deepest split of the region tree (the root is 0)."})
 
 
 def _as_embeddings(embeddings: np.ndarray, name: str = "embeddings") -> np.ndarray:
@@ -91,8 +103,8 @@ def rule_slices(
     correct: np.ndarray,
     max_accuracy: float,
     min_size: int,
-    branching: int = 3,
-    max_depth: int = 10,
+    branching: int = RuleConfig.branching,
+    max_depth: int = RuleConfig.max_depth,
     seed: int = 0,
 ) -> tuple[list[np.ndarray], RuleNode]:
     """InfEmbed-Rule (paper, Algorithm 6 RuleFind): recursive K-Means until slices have
@@ -191,6 +203,17 @@ def slice_proponents(
     """The ``k`` training examples most helpful to the slice: most positive influence first.
     Rejects what :func:`slice_opponents` rejects."""
     return _top(slice_influence(train_embeddings, slice_embeddings), k, most_negative=False)
+
+
+def opponents_per_slice(pool_embeddings: np.ndarray, embeddings: np.ndarray, members: Sequence[Sequence[int]],
+                        k: int, progress: bool = False) -> list[tuple[list[int], list[float]]]:
+    """For every slice (its ``members``, indices into ``embeddings``), the ``k`` pool examples
+    most harmful to its total loss and their influence (rounded to 6 digits)."""
+    out = []
+    for indices in tqdm(members, desc="slice opponents", disable=not progress, leave=False):
+        found, scores = slice_opponents(pool_embeddings, embeddings[np.asarray(indices)], k=k)
+        out.append((found.tolist(), [round(float(s), 6) for s in scores]))
+    return out
 
 
 # ---------------------------------------------------------------- summaries

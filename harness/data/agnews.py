@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
+from harness.data.splits import stratified_split  # noqa: F401  (re-exported: the AG News parts)
 from harness.errors import InputError
 from harness.paths import dataset_dir
 
@@ -57,12 +57,3 @@ def load_agnews(root: str | os.PathLike | None = None) -> TextSet:
     texts = (frame["title"].str.strip() + ". " + frame["description"].str.replace("\\", " ", regex=False).str.strip())
     return TextSet(tuple(texts), labels, class_names, str(csv))
 
-
-def stratified_split(labels: np.ndarray, n_first: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted indices of a class-stratified first part of ``n_first`` examples and of the rest."""
-    labels = np.asarray(labels)
-    if not isinstance(n_first, (int, np.integer)) or not 0 < n_first < labels.shape[0]:
-        raise InputError(f"n_first must be an integer in 1..{labels.shape[0] - 1}; got {n_first!r}")
-    first, rest = train_test_split(np.arange(labels.shape[0]), train_size=int(n_first), stratify=labels,
-                                   random_state=seed)
-    return np.sort(first), np.sort(rest)

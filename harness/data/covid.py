@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageOps
-from sklearn.model_selection import GroupShuffleSplit
 from tqdm.auto import tqdm
 
+from harness.data.splits import patient_split  # noqa: F401  (re-exported: the X-ray studies split by patient)
 from harness.errors import InputError
 from harness.paths import dataset_dir
 
@@ -115,14 +115,3 @@ def load_grayscale(paths: Sequence[str], size: int, progress: bool = True) -> to
         out[i, 0] = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0)
     return out
 
-
-def patient_split(groups: Sequence, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train/test indices with every patient's images on one side only (no leakage between splits)."""
-    if not 0.0 < test_fraction < 1.0:
-        raise InputError(f"test_fraction must be in (0, 1); got {test_fraction}")
-    groups = np.asarray(groups)
-    if np.unique(groups).size < 2:
-        raise InputError("a patient-grouped split needs at least 2 patients")
-    splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
-    train, test = next(splitter.split(np.zeros(len(groups)), groups=groups))
-    return np.sort(train), np.sort(test)

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from harness.data.splits import per_class_subset
 from harness.errors import InputError
 from harness.paths import dataset_dir
 
@@ -78,17 +79,7 @@ class ImageFolderSet(Dataset):
 
 def balanced_subset(samples: Sequence[tuple[str, int]], per_class: int | None, seed: int) -> list[tuple[str, int]]:
     """At most ``per_class`` samples of every class, drawn with ``seed``, in folder order."""
-    if per_class is None:
-        return list(samples)
-    if not isinstance(per_class, (int, np.integer)) or per_class < 1:
-        raise InputError(f"per_class must be a positive integer or None; got {per_class!r}")
-    labels = np.array([label for _, label in samples])
-    rng = np.random.default_rng(seed)
-    keep = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        keep.extend(rng.choice(members, size=min(per_class, members.size), replace=False).tolist())
-    return [samples[i] for i in sorted(keep)]
+    return [samples[i] for i in per_class_subset([label for _, label in samples], per_class, seed)]
 
 
 def tiny_imagenet_class_names(root: Path | None = None) -> tuple[list[str], list[str]]:

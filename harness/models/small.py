@@ -1,4 +1,5 @@
-"""CPU-cheap trunks and heads for the mini-dcbench (``harness.dcbench``).
+"""CPU-cheap trunks and heads: the mini-dcbench's (``harness.dcbench``) and the paper's
+appendix-G small DNN (:class:`SmallCNN`, split by :func:`split_small_cnn`).
 
 dcbench's models are pretrained networks fine-tuned on manipulated data. The mini-dcbench
 does the same at CPU scale: a trunk (``image_trunk`` / ``series_trunk``) is pretrained
@@ -10,10 +11,13 @@ its Hessian's rank is far above the Arnoldi dimension P.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
 from harness.errors import InputError
+from harness.models import TrunkHead
 
 
 def _check_widths(widths: tuple[int, ...]) -> tuple[int, ...]:
@@ -72,3 +76,32 @@ class MLPHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.penultimate(x))
+
+
+class SmallCNN(nn.Module):
+    """The paper's appendix-G small DNN: blocks of conv(5x5, stride 1)-ReLU-BatchNorm-max-pool,
+    then two fully connected layers (``head.fc1``, ``head.fc2``), on images of ``channels``
+    channels (1: X-rays; 3: photos)."""
+
+    def __init__(self, n_classes: int, image_size: int, widths: tuple[int, ...] = (8, 16, 32, 32), hidden: int = 64,
+                 channels: int = 1):
+        super().__init__()
+        if image_size % (2 ** len(widths)):
+            raise InputError(f"image_size must be a multiple of {2 ** len(widths)}; got {image_size}")
+        blocks = []
+        for width in widths:
+            blocks += [nn.Conv2d(channels, width, 5, padding=2), nn.ReLU(), nn.BatchNorm2d(width), nn.MaxPool2d(2)]
+            channels = width
+        self.trunk = nn.Sequential(*blocks, nn.Flatten())
+        side = image_size // 2 ** len(widths)
+        self.head = nn.Sequential(
+            OrderedDict(fc1=nn.Linear(channels * side * side, hidden), relu=nn.ReLU(), fc2=nn.Linear(hidden, n_classes))
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(images))
+
+
+def split_small_cnn(model: SmallCNN) -> TrunkHead:
+    """The convolutional blocks as trunk; the two fully connected layers (``fc1``, ``fc2``) as head."""
+    return TrunkHead(model=model, trunk=model.trunk, head=model.head, head_layers=("fc1", "fc2"))

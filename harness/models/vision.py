@@ -1,5 +1,6 @@
 """torchvision ResNets: builders, ImageNet weights from a local file or the torchvision
-cache, and the trunk/head split (``split_resnet``) for cached-feature InfEmbed."""
+cache, a ResNet for one-channel X-rays (:class:`GreyResNet`), and the trunk/head splits
+(``split_resnet``, ``split_grey_resnet``) for cached-feature InfEmbed."""
 
 from __future__ import annotations
 
@@ -116,3 +117,29 @@ def split_resnet(model: nn.Module, head_layers: Sequence[str] = ("layer4", "fc")
         raise InputError(f"head_layers must be a tail of {RESNET_STAGES}, e.g. ('layer4', 'fc'); got {head_layers}")
     trunk = _ResNetTrunk(model, _STEM + RESNET_STAGES[: len(RESNET_STAGES) - n])
     return TrunkHead(model=model, trunk=trunk, head=ResNetHead(model, head_layers), head_layers=head_layers)
+
+
+class GreyResNet(nn.Module):
+    """A torchvision ResNet fed one-channel X-rays (the channel is repeated to three)."""
+
+    def __init__(self, n_classes: int, arch: str = "resnet50"):
+        super().__init__()
+        self.net = resnet(arch, n_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images.expand(-1, 3, -1, -1))
+
+
+class _GreyTrunk(nn.Module):
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images.expand(-1, 3, -1, -1))
+
+
+def split_grey_resnet(model: GreyResNet, head_layers: Sequence[str] = ("fc",)) -> TrunkHead:
+    """:func:`split_resnet` of the inner ResNet, its trunk fed the repeated channel."""
+    split = split_resnet(model.net, head_layers)
+    return TrunkHead(model=model, trunk=_GreyTrunk(split.trunk), head=split.head, head_layers=split.head_layers)
