@@ -12,14 +12,14 @@ are repeated over several seeds (model initialisation, batch order, Arnoldi and 
 
 **Offline default = a stand-in.** The RSNA bone-age images are not available here, so
 by default the same protocol runs on 5 classes of the shared Tiny-ImageNet subset (its
-500 training and 50 validation photos per class, 64 x 64 RGB), a task the small CNN
-learns well (about 85% test accuracy without any signal), so the paper's A = 0.4 and
-S = 25 apply as written. With the RSNA data (``--boneage-train-csv`` ... in the Kaggle
+500 training and 50 validation photos per class, RGB, resized from 64 to 32 pixels so
+that 4 signals x 3 seeds train in minutes on a shared CPU), a task the small CNN learns
+well enough that the paper's A = 0.4 and S = 25 apply as written. With the RSNA data (``--boneage-train-csv`` ... in the Kaggle
 layout) the paper's 5 age groups are used and "early/mid-puberty" is the injected class.
 
 Model: the paper's appendix-G "small DNN" (conv-ReLU-BatchNorm-max-pool blocks with 5x5
 stride-1 kernels, then two fully connected layers), trained here from scratch on
-64 x 64 images so that one training run takes a few CPU minutes; ``--model resnet50``
+32 x 32 images so that one training run takes about a CPU minute; ``--model resnet50``
 trains a torchvision ResNet-50 instead (the paper's model). The influence embeddings
 differentiate the two fully connected layers (ResNet-50: ``fc``), on cached trunk
 features.
@@ -42,10 +42,10 @@ accuracy (reported as ``max_accuracy_used``).
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,25 +58,20 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from harness import rule_slices, slice_opponents, slice_proponents, summarize_slices
+from harness import FactorConfig, slice_opponents, slice_proponents
+from harness.cache import content_key
 from harness.data.boneage import AGE_GROUPS, MID_PUBERTY, load_boneage
 from harness.data.spurious import INJECTIONS, figure_injections, inject_class
 from harness.data.tiny_imagenet import tiny_imagenet
 from harness.errors import InputError
 from harness.models import compute_features
-from harness.models.small import SmallCNN
-from harness.models.vision import GreyResNet, split_resnet
-from harness.paths import cache_dir
+from harness.models.small import SmallCNN, split_small_cnn
+from harness.models.vision import GreyResNet, split_grey_resnet
+from harness.options import option
 from harness.report.figures import draw_distributions
-from harness.train import TrainConfig, cached_training, config_key, predict, train_model
-from experiments.common import (
-    cached_embedder,
-    cached_embeddings,
-    feature_loader,
-    results_dir,
-    state_key,
-    write_results,
-)
+from harness.train import TrainConfig, predict
+from experiments.pipeline import Part, Source, Study, Training, embed, feature_loader, results_dir, study_config, \
+    study_parser, write_results
 
 EXPERIMENT = "boneage_spurious"
 CONTROL = "none"
@@ -92,32 +87,40 @@ PAPER = {
 }
 STAND_IN = (
     "STAND-IN: the RSNA bone-age images are not available offline; these results use 5 classes of real photos "
-    "(shared tiny-imagenet-subset: its train and val splits, 64 x 64), one class playing 'mid-puberty'. They test "
+    "(shared tiny-imagenet-subset: its train and val splits, at 32 x 32), one class playing 'mid-puberty'. They test "
     "the paper's finding on a task the model learns well, not its bone-age numbers."
 )
 
 
 @dataclass
 class BoneAgeConfig:
-    signals: str = "none,tag,stripe,blur"
-    seeds: str = "0,1,2"
-    classes: str = "goldfish,king penguin,monarch,teapot,pizza"
-    injected: str = "monarch"
-    train_per_class: int | None = None
-    model: str = "small_cnn"
-    image_size: int = 64
-    epochs: int = 15
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 32
-    max_accuracy: float = 0.4
-    min_size: int = 25
-    branching: int = 3
-    max_depth: int = 10
-    arnoldi_dim: int = 200
-    embedding_dim: int = 100
-    n_opponents: int = 50
-    device: str = "cpu"
+    signals: str = option("none,tag,stripe,blur", "comma list of signals to inject ('none' = the clean control)")
+    seeds: str = option("0,1,2", "comma list of seeds; each seeds the initialisation, batch order, Arnoldi start and "
+                                 "K-Means of one run per signal")
+    classes: str = option("goldfish,king penguin,monarch,teapot,pizza",
+                          "stand-in: comma list of Tiny-ImageNet class names (words.txt)")
+    injected: str = option("monarch", "stand-in: the class whose training images get the signal")
+    train_per_class: int | None = option(None, "stand-in: a seeded subset of this many training images per class")
+    model: str = option("small_cnn", "the paper's appendix-G small DNN, or the paper's ResNet-50",
+                        choices=("small_cnn", "resnet50"))
+    image_size: int = option(32, "pixels of the (square) images; small_cnn needs a multiple of 16")
+    epochs: int = option(15, "training epochs")
+    lr: float = option(1e-3, "learning rate (AdamW)")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    batch_size: int = option(32, "training batch size")
+    max_accuracy: float = option(0.4, "A: InfEmbed-Rule's accuracy bound (lowered only when the other classes' "
+                                      "test accuracy is below it)")
+    min_size: int = option(25, "S: InfEmbed-Rule's minimum slice size for a 200-image test set (scaled below it)")
+    branching: int = option(3, "InfEmbed-Rule's K-Means branching factor")
+    max_depth: int = option(10, "InfEmbed-Rule's maximum recursion depth")
+    arnoldi_dim: int = option(200, "P: Arnoldi iterations")
+    embedding_dim: int = option(100, "D: embedding width (at most P)")
+    n_opponents: int = option(50, "k: opponents and proponents read off the lowest-accuracy slice")
+    device: str = option("cpu", "torch device, e.g. cpu or cuda")
+
+
+# --paper-scale (default with --device cuda): the paper's ResNet-50 on 299-pixel images.
+PAPER_SCALE = dict(model="resnet50", image_size=299, batch_size=64)
 
 
 @dataclass
@@ -173,8 +176,7 @@ def stand_in_data(config: BoneAgeConfig, root: str | None = None, progress: bool
         x_train, y_train, x_test, y_test, names, names.index(config.injected),
         source="stand-in: tiny-imagenet-subset, 5 classes" if len(names) == 5 else
         f"stand-in: tiny-imagenet-subset, {len(names)} classes",
-        key=config_key({"root": str(root), "classes": names, "size": config.image_size,
-                        "n": [len(y_train), len(y_test)]}),
+        key=content_key(names, x_train, y_train, x_test, y_test),
     )
 
 
@@ -185,8 +187,7 @@ def rsna_data(config: BoneAgeConfig, train_csv: str, train_images: str, test_csv
     x_test, y_test = load_boneage(test_csv, test_images, config.image_size, progress)
     return ImageData(
         x_train, y_train, x_test, y_test, list(AGE_GROUPS), MID_PUBERTY, source="RSNA Pediatric Bone Age",
-        key=config_key({"csv": [str(Path(train_csv).resolve()), str(Path(test_csv).resolve())],
-                        "size": config.image_size}),
+        key=content_key(list(AGE_GROUPS), x_train, y_train, x_test, y_test),
     )
 
 
@@ -209,15 +210,12 @@ def _seeds(config: BoneAgeConfig) -> list[int]:
 
 
 def _build(config: BoneAgeConfig, n_classes: int, channels: int, seed: int):
-    """(model, trunk, head, head layer names) with a seeded initialisation."""
+    """The seeded model, split into trunk and the differentiated head."""
     torch.manual_seed(seed)
     if config.model == "small_cnn":
-        model = SmallCNN(n_classes, config.image_size, channels=channels)
-        return model, model.trunk, model.head, ["fc1", "fc2"]
+        return split_small_cnn(SmallCNN(n_classes, config.image_size, channels=channels))
     if config.model == "resnet50":
-        model = GreyResNet(n_classes)  # repeats a single channel; photos pass through
-        split = split_resnet(model.net, head_layers=("fc",))
-        return model, lambda x: split.trunk(x.expand(-1, 3, -1, -1)), split.head, list(split.head_layers)
+        return split_grey_resnet(GreyResNet(n_classes), head_layers=("fc",))  # one channel is repeated to three
     raise InputError(f"model must be 'small_cnn' or 'resnet50'; got {config.model!r}")
 
 
@@ -289,37 +287,30 @@ def run_signal(signal: str, seed: int, data: ImageData, config: BoneAgeConfig, p
     n_classes = len(data.class_names)
     train_images = data.train_images if signal == CONTROL else inject_class(
         data.train_images, data.train_labels, data.injected_class, INJECTIONS[signal])
-    model, trunk, head, head_layers = _build(config, n_classes, data.train_images.shape[1], seed)
-    train_config = TrainConfig(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
-                               seed=seed, device=config.device)
-    train_loader = feature_loader(train_images, data.train_labels, config.batch_size, shuffle=True, seed=seed)
+    split = _build(config, n_classes, data.train_images.shape[1], seed)
+    train_key = content_key(data.key, signal)  # the manipulated training set follows the data and the signal
+    study = Study(
+        name=EXPERIMENT, model=split, class_names=data.class_names,
+        sources={"train": Source(feature_loader(train_images, data.train_labels, 256), train_key),
+                 "test": Source(feature_loader(data.test_images, data.test_labels, 256), data.key)},
+        fit=Part("train"), pool=Part("train"), analysed=Part("test"),
+        training=Training(TrainConfig(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
+                                      seed=seed, device=config.device),
+                          loader=feature_loader(train_images, data.train_labels, config.batch_size, shuffle=True,
+                                                seed=seed),
+                          data_key=train_key, settings={"batch_size": config.batch_size}),
+        factors=FactorConfig(arnoldi_dim=config.arnoldi_dim, embedding_dim=config.embedding_dim, seed=seed),
+        batch_size=128, device=config.device,
+    )
     started = time.time()
-    model, cached = cached_training(
-        model, lambda m: train_model(m, train_loader, train_config, progress=progress),
-        cache_dir(EXPERIMENT, "models"),
-        {"data": data.key, "signal": signal, "model": config.model, "architecture": str(model),
-         "train": asdict(train_config), "batch_size": config.batch_size, "injected": data.injected_class},
-    )
-    train_seconds = None if cached else round(time.time() - started, 1)
-    model.to(config.device)
-    test_loader = feature_loader(data.test_images, data.test_labels, 256)
-    train_eval_loader = feature_loader(train_images, data.train_labels, 256)
-    test_pred = predict(model, test_loader, device=config.device, progress=progress)
-    train_pred = predict(model, train_eval_loader, device=config.device, progress=progress)
-
-    train_features, train_targets = compute_features(trunk, train_eval_loader, model, config.device, progress)
-    test_features, test_targets = compute_features(trunk, test_loader, model, config.device, progress)
-    key = {"weights": state_key(model), "data": data.key, "signal": signal}
-    embedder = cached_embedder(
-        EXPERIMENT, head, head_layers, feature_loader(train_features, train_targets, 128), key,
-        arnoldi_dim=config.arnoldi_dim, embedding_dim=config.embedding_dim, seed=seed,
-        device=config.device, progress=progress,
-    )
-    factors = {**key, "P": config.arnoldi_dim, "D": config.embedding_dim, "seed": seed}
-    train_emb = cached_embeddings(EXPERIMENT, embedder, feature_loader(train_features, train_targets, 128),
-                                  {**factors, "split": "train"})
-    test_emb = cached_embeddings(EXPERIMENT, embedder, feature_loader(test_features, test_targets, 128),
-                                 {**factors, "split": "test"})
+    embedded = embed(study, progress)
+    seconds = round(time.time() - started, 1)
+    test_pred, test_emb, train_emb = embedded.predictions, embedded.embeddings, embedded.pool_embeddings
+    # The mechanism needs every training example's head inputs; the small trunk runs again in seconds.
+    train_features, train_targets = compute_features(split.trunk, study.sources["train"].loader, split.model,
+                                                     config.device, progress, "trunk features (train, mechanism)")
+    head = copy.deepcopy(split.head).cpu()
+    train_pred = predict(head, feature_loader(train_features, train_targets, 256), progress=progress)
 
     labels = data.test_labels.numpy()
     train_labels = data.train_labels.numpy()
@@ -329,14 +320,12 @@ def run_signal(signal: str, seed: int, data: ImageData, config: BoneAgeConfig, p
     other_accuracy = float(test_pred.correct[others].mean()) if others.any() else float("nan")
     max_accuracy = config.max_accuracy if not other_accuracy < config.max_accuracy else other_accuracy / 2
     min_size = max(2, round(config.min_size * min(1.0, len(labels) / PAPER_TEST_SIZE)))
-    slices, _ = rule_slices(test_emb, test_pred.correct, max_accuracy, min_size, config.branching,
-                            config.max_depth, seed)
-    head_cpu = head.to("cpu") if config.device != "cpu" else head
-    losses, gradient_norms = per_example_head_gradients(head_cpu, train_features, train_targets)
+    slices, _, frame = embedded.rule(max_accuracy, min_size, config.branching, config.max_depth, seed)
+    losses, gradient_norms = per_example_head_gradients(head, train_features, train_targets)
     result = {
         "signal": signal,
         "seed": seed,
-        "train_seconds": train_seconds,
+        "pipeline_seconds": seconds,  # training, features, factors and embeddings (~0 when cached)
         "test_accuracy": round(test_pred.accuracy, 4),
         "test_accuracy_injected_class": round(float(test_pred.correct[~others].mean()), 4) if (~others).any() else None,
         "test_accuracy_other_classes": round(other_accuracy, 4),
@@ -353,16 +342,15 @@ def run_signal(signal: str, seed: int, data: ImageData, config: BoneAgeConfig, p
             "train_loss": _compare(losses, carriers),
             "train_head_gradient_norm": _compare(gradient_norms, carriers),
             "train_embedding_norm": _compare(np.linalg.norm(train_emb, axis=1), carriers),
-            "shortcut_rate": shortcut_rates(model, data, config.device, progress),
+            "shortcut_rate": shortcut_rates(split.model, data, config.device, progress),
         },
         "max_accuracy_used": round(max_accuracy, 4),
         "min_size_used": min_size,
         "embedding_dim": int(test_emb.shape[1]),
         "n_slices": len(slices),
     }
-    if not slices:
+    if frame is None:
         return {**result, "frame": None}
-    frame = summarize_slices(slices, test_emb, labels, predicted, class_names=data.class_names)
     frame.insert(0, "group", f"{signal} (seed {seed})")
     lowest = frame.iloc[0]
     members = np.asarray(lowest["members"])
@@ -520,25 +508,18 @@ def run(config: BoneAgeConfig, out: str | None = None, rsna: dict | None = None,
     return write_results(out_dir, slices, summary, started)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    defaults = BoneAgeConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m experiments.boneage_spurious")
-    parser.add_argument("--out", default=None, help="results folder (default: results/boneage_spurious)")
+def build_parser():
+    parser = study_parser(BoneAgeConfig, __doc__, "python -m experiments.boneage_spurious", PAPER_SCALE)
     parser.add_argument("--data-root", default=None,
                         help="Tiny-ImageNet subset folder for the stand-in (default: the shared copy)")
     for name in ("train-csv", "train-images", "test-csv", "test-images"):
         parser.add_argument(f"--boneage-{name}", default=None, help="RSNA bone-age data (all four, Kaggle layout)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    for f in fields(BoneAgeConfig):
-        default = getattr(defaults, f.name)
-        kind = type(default) if default is not None else int
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=f"default {default}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    config = BoneAgeConfig(**{f.name: getattr(args, f.name) for f in fields(BoneAgeConfig)})
+    config = study_config(BoneAgeConfig, PAPER_SCALE, args)
     rsna_args = {k: getattr(args, f"boneage_{k}") for k in ("train_csv", "train_images", "test_csv", "test_images")}
     given = [v is not None for v in rsna_args.values()]
     if any(given) and not all(given):
