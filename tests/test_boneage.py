@@ -231,3 +231,16 @@ def test_stand_in_runs_on_the_shared_tiny_imagenet_subset(tmp_path, monkeypatch)
     assert summary["data"]["test_class_counts"].tolist() == [50] * 5
     assert summary["results"][0]["min_size_used"] == 25  # 250 test images: the paper's S as written
     assert (tmp_path / "figure4_injections.png").stat().st_size > 0
+
+
+def test_paper_scale_preset_is_the_papers_resnet50_and_explicit_options_override_it():
+    from experiments.boneage_spurious import PAPER_SCALE, BoneAgeConfig, build_parser
+    from experiments.pipeline import study_config
+
+    offline = study_config(BoneAgeConfig, PAPER_SCALE, build_parser().parse_args([]))
+    assert (offline.model, offline.image_size) == ("small_cnn", 32)
+    paper = study_config(BoneAgeConfig, PAPER_SCALE, build_parser().parse_args(["--device", "cuda"]))
+    assert (paper.model, paper.image_size, paper.device) == ("resnet50", 299, "cuda")
+    assert (paper.max_accuracy, paper.min_size, paper.n_opponents) == (0.4, 25, 50)
+    mixed = study_config(BoneAgeConfig, PAPER_SCALE, build_parser().parse_args(["--paper-scale", "--image-size", "224"]))
+    assert (mixed.model, mixed.image_size) == ("resnet50", 224)
