@@ -64,6 +64,7 @@ from harness.data.boneage import AGE_GROUPS, MID_PUBERTY, load_boneage
 from harness.data.spurious import INJECTIONS, figure_injections, inject_class
 from harness.data.tiny_imagenet import tiny_imagenet
 from harness.errors import InputError
+from harness.io import atomic_write_text
 from harness.models import compute_features
 from harness.models.small import SmallCNN, split_small_cnn
 from harness.models.vision import GreyResNet, split_grey_resnet
@@ -438,6 +439,44 @@ def aggregate(rows: pd.DataFrame) -> dict:
     return out
 
 
+def _mean_interval(numbers: dict, percent: bool = True) -> str:
+    if "mean" not in numbers:
+        return "-"
+    show = (lambda v: f"{100 * v:.0f}%") if percent else (lambda v: f"{v:.3g}")
+    interval = numbers.get("t95")
+    if not interval:
+        return show(numbers["mean"])
+    return f"{show(numbers['mean'])} [{show(max(0.0, interval[0]))}, {show(min(1.0, interval[1]) if percent else interval[1])}]"
+
+
+def findings_table(across: dict, k: int) -> str:
+    """The README's table: per signal, the across-seed mean [t 95% interval] of each number
+    (clipped to the possible range: every number is >= 0, shares <= 100%; the control's shares
+    are those of the injected class)."""
+    lines = ["| | " + " | ".join(across) + " |", "|---|" + "---|" * len(across)]
+    rows = [
+        ("test accuracy", "test_accuracy", True), ("its test accuracy on the injected class",
+                                                   "test_accuracy_injected_class", True),
+        ("slices found", "n_slices", False), ("lowest slice: accuracy", "lowest_slice_accuracy", True),
+        ("lowest slice: share of the injected class", "slice_injected_class_share", True),
+        (f"top-{k} opponents: share carrying the signal (control: of the injected class)",
+         "opponents_injected_class_share", True),
+        (f"top-{k} proponents: share carrying the signal (control: of the injected class)",
+         "proponents_injected_class_share", True),
+        ("training loss: carriers", "train_loss_injected_mean", False),
+        ("training loss: other examples", "train_loss_others_mean", False),
+        ("head-gradient norm: carriers", "train_head_gradient_norm_injected_mean", False),
+        ("head-gradient norm: other examples", "train_head_gradient_norm_others_mean", False),
+    ]
+    for label, key, percent in rows:
+        lines.append(f"| {label} | " + " | ".join(_mean_interval(numbers[key], percent) for numbers in across.values())
+                     + " |")
+    lines.append("| shortcut rate of the signal (control: base rate of tag / stripe / blur) | " + " | ".join(
+        " / ".join(_mean_interval(numbers[f"shortcut_rate_{name}"]) for name in INJECTIONS) if signal == CONTROL
+        else _mean_interval(numbers[f"shortcut_rate_{signal}"]) for signal, numbers in across.items()) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def figure5(results: list[dict], path: Path, source: str, n_classes: int, injected: str) -> None:
     """Figure 5: per signal (first seed), labels (red) and predictions (blue) of the lowest-accuracy
     slice (left) and of its top opponents in the training data (right)."""
@@ -483,6 +522,9 @@ def run(config: BoneAgeConfig, out: str | None = None, rsna: dict | None = None,
     figure5(results, out_dir / "figure5.png", data.source, len(data.class_names), injected)
     rows = pd.DataFrame([_per_seed_row(r, data.source) for r in results])
     rows.to_csv(out_dir / "per_seed.csv", index=False)
+    across = aggregate(rows)
+    atomic_write_text(f"Across {len(seeds)} seeds: mean [Student-t 95% interval over the seeds]; {data.source}; "
+                      f"injected class: {injected}.\n\n" + findings_table(across, config.n_opponents), out_dir / "findings.md")
     summary = {
         "experiment": EXPERIMENT,
         "note": STAND_IN if not rsna else "RSNA Pediatric Bone Age data",
@@ -502,7 +544,7 @@ def run(config: BoneAgeConfig, out: str | None = None, rsna: dict | None = None,
                       "examples); across seeds: mean and Student-t 95% over the seeds (unit: one training run)"),
         "signal_parameters": {name: asdict(signal) for name, signal in INJECTIONS.items()},
         "paper": PAPER,
-        "across_seeds": aggregate(rows),
+        "across_seeds": across,
         "results": results,
     }
     return write_results(out_dir, slices, summary, started)

@@ -195,6 +195,8 @@ def test_stand_in_study_finds_a_learned_shortcut_and_reports_per_seed_intervals(
     aggregate = summary["across_seeds"]["stripe"]["slice_injected_class_share"]
     assert aggregate["n_seeds"] == 2 and aggregate["t95"][0] <= aggregate["mean"] <= aggregate["t95"][1]
     assert aggregate["mean"] == pytest.approx(np.mean(aggregate["values"]), abs=1e-4)
+    table = (out / "findings.md").read_text().splitlines()
+    assert table[2] == "| | none | stripe |" and len(table) == 16
 
 
 def test_per_example_head_gradients_match_autograd_one_example_at_a_time():
