@@ -26,10 +26,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from harness.cache import Cache, cached_training
+from harness.data.splits import per_class_subset
 from harness.fastpaths import tensor_batches
-from harness.paths import cache_dir, dataset_dir
+from harness.models.vision import split_resnet
+from harness.paths import dataset_dir
 from harness.task import ClassificationTask, Task
-from harness.train import TrainConfig, cached_training, train_model
+from harness.train import TrainConfig, train_model
 
 
 @dataclass
@@ -124,9 +127,8 @@ def digits_mlp(sizes: Sizes, device: str) -> Workload:
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
     config = TrainConfig(epochs=60, lr=3e-3, weight_decay=1e-3, seed=0, device=device)
     loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    model, _ = cached_training(
-        model, lambda m: train_model(m, loader, config, progress=False), cache_dir("bench", "w1"), config
-    )
+    model = cached_training(model, lambda m: train_model(m, loader, config, progress=False), Cache("bench"),
+                            config=config, stage="w1")
     model.to(device)
     layers = ["0", "2"]
     _freeze_all_but(model, layers)
@@ -151,28 +153,10 @@ def digits_mlp(sizes: Sizes, device: str) -> Workload:
 
 
 # ---------------------------------------------------------------- W2
-class ResNetHead(nn.Module):
-    """layer4 -> global average pool -> fc of a torchvision ResNet (shared modules)."""
-
-    def __init__(self, resnet: nn.Module):
-        super().__init__()
-        self.layer4, self.fc = resnet.layer4, resnet.fc
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layer4(features), 1), 1))
-
-
-def _resnet_trunk(resnet: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(images))))
-    return resnet.layer3(resnet.layer2(resnet.layer1(x)))
-
-
 def _image_subset(folder, per_class: int, seed: int) -> Subset:
-    targets = np.asarray(folder.targets)
-    rng = np.random.default_rng(seed)
-    chosen = [rng.permutation(np.flatnonzero(targets == c))[:per_class] for c in range(len(folder.classes))]
-    order = rng.permutation(np.concatenate(chosen))
-    return Subset(folder, order.tolist())
+    """``per_class`` images of every class (harness.data.splits), in a seeded random order."""
+    chosen = per_class_subset(folder.targets, per_class, seed)
+    return Subset(folder, np.random.default_rng(seed).permutation(chosen).tolist())
 
 
 def tiny_imagenet_resnet(sizes: Sizes, device: str) -> Workload:
@@ -189,20 +173,20 @@ def tiny_imagenet_resnet(sizes: Sizes, device: str) -> Workload:
     torch.manual_seed(0)
     model = models.resnet18(num_classes=n_classes).to(device).eval()
     layers = ["layer4", "fc"]
-    head = ResNetHead(model)
+    split = split_resnet(model, layers)
     train_subset = _image_subset(train_folder, per_class=100, seed=0)
 
     def train_head(m: nn.Module) -> nn.Module:
-        features, targets = _run_trunk(lambda x: _resnet_trunk(m, x), DataLoader(train_subset, batch_size=128), device)
+        features, targets = _run_trunk(split.trunk, DataLoader(train_subset, batch_size=128), device)
         loader = DataLoader(
             TensorDataset(features, targets), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
         )
-        train_model(ResNetHead(m), loader, config, progress=True)
+        train_model(split.head, loader, config, progress=True)
         return m
 
     config = TrainConfig(epochs=4, lr=1e-3, weight_decay=1e-4, seed=0, device=device)
     key = {"workload": "W2", "train": asdict(config), "per_class": 100, "arch": "resnet18-64px"}
-    model, _ = cached_training(model, train_head, cache_dir("bench", "w2"), key)
+    model = cached_training(model, train_head, Cache("bench"), config=key, stage="w2")
     model.to(device)
     _freeze_all_but(model, layers)
     fit_set = _decoded(Subset(train_folder, _held_out_indices(train_subset, train_folder, sizes.fit)))
@@ -217,8 +201,8 @@ def tiny_imagenet_resnet(sizes: Sizes, device: str) -> Workload:
         fit_set=fit_set,
         transform_set=transform_set,
         sizes=sizes,
-        trunk=lambda raw: _resnet_trunk(model, raw[0]),
-        head=head,
+        trunk=lambda raw: split.trunk(raw[0]),
+        head=split.head,
         head_task=ClassificationTask(),
         head_batch=lambda features, raw: (features, raw[1]),
         kronfluence_modules=[n for n, m in model.named_modules() if n.startswith(("layer4.", "fc")) and isinstance(m, (nn.Conv2d, nn.Linear))],
@@ -334,7 +318,7 @@ def agnews_minilm(sizes: Sizes, device: str, max_length: int = 48) -> Workload:
         return m
 
     key = {"workload": "W3", "train": asdict(config), "n_train": n_train, "max_length": max_length}
-    model, _ = cached_training(model, train_top, cache_dir("bench", "w3"), key)
+    model = cached_training(model, train_top, Cache("bench"), config=key, stage="w3")
     model.to(device)
     _freeze_all_but(model, layers)
     head = BertHead(model)

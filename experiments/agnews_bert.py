@@ -136,6 +136,8 @@ def run(config: AGNewsConfig, out: str | None = None, online: bool = False, prog
         batch_size=config.batch_size, device=config.device, n_nearest=config.n_nearest,
     )
     result = embed(study, progress)
+    if not result.writes_results:  # another rank of a torchrun job writes them
+        return {}
     labels, predicted = result.labels, result.predicted
 
     # InfEmbed (K-Means), the accuracy rule on its clusters, opponents, tables and figures.
@@ -191,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     config = study_config(AGNewsConfig, PAPER_SCALE, args)
     summary = run(config, args.out, args.online, progress=not args.quiet)
+    if not summary:
+        return summary
     metrics = summary["metrics"]
     print(f"AG News ({summary['data_source']['kind']}): accuracy {metrics['test_accuracy']:.3f}, "
           f"{metrics['n_slices']} slices, {metrics['slice_examples']} examples, slice accuracy "

@@ -168,6 +168,8 @@ def run(config: CovidConfig, out: str | None = None, root: str | None = None, pr
     )
     result = embed(study, progress)
     embeddings, prediction = result.embeddings, result.predictions
+    if not result.writes_results:  # another rank of a torchrun job writes them
+        return {}
     clusters, frame = result.kmeans(config.n_clusters, config.seed)
 
     y = targets[test].numpy()
@@ -226,8 +228,9 @@ def build_parser():
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     summary = run(study_config(CovidConfig, PAPER_SCALE, args), args.out, args.covid_root, progress=not args.quiet)
-    print(json.dumps({k: summary[k] for k in ("model", "test_accuracy", "majority_class_accuracy", "outcomes",
-                                              "clusters")}, indent=1))
+    if summary:
+        print(json.dumps({k: summary[k] for k in ("model", "test_accuracy", "majority_class_accuracy", "outcomes",
+                                                  "clusters")}, indent=1))
     return summary
 
 

@@ -16,17 +16,17 @@ ResNet-18 weights (``--weights FILE`` or the torchvision cache; never downloaded
 ImageNet validation folder in ImageFolder layout; FactorHessian and opponents use
 ``--opponent-folder`` (default: the analysed images, as in the paper).
 
-``--device cuda`` runs the paper-scale configuration (P = 500, D = 100, the whole
+``--device cuda`` (or ``--paper-scale``) runs the paper-scale configuration (P = 500, D = 100, the whole
 training split, more epochs); explicit options override either preset.
 
 The frozen trunk (stem..layer3) runs once per image; its features are cached and the
-embedder differentiates the head (layer4 + fc) on them.
+embedder differentiates the head (layer4 + fc) on them. The cached stages and the
+coverage metrics are :mod:`experiments.pipeline`'s; this module keeps the image sets,
+the accuracy scaling of A and the figures.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -36,27 +36,18 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from harness import rule_slices, summarize_slices
+from harness import FactorConfig
+from harness.cache import content_key
+from harness.data.splits import per_class_subset
 from harness.data.tiny_imagenet import ImageFolderSet, image_folder, tiny_imagenet
 from harness.errors import InputError
-from harness.models import cached_features
 from harness.models.vision import imagenet_resnet, resnet, split_resnet
-from harness.paths import cache_dir
+from harness.options import option
 from harness.report.figures import plot_slice_distributions, plot_slice_examples
 from harness.report.html import save_thumbnails
-from harness.train import TrainConfig, cached_training, config_key, predict, train_model
-from experiments.common import (
-    add_config_options,
-    cached_embedder,
-    cached_embeddings,
-    errors_by_pair,
-    feature_loader,
-    opponents_per_slice,
-    resolve_config,
-    results_dir,
-    state_key,
-    write_results,
-)
+from harness.train import TrainConfig
+from experiments.pipeline import Part, Source, Study, Training, embed, errors_by_pair, results_dir, study_config, \
+    study_parser, write_results
 
 EXPERIMENT = "imagenet_resnet18"
 PAPER_MODEL_ACCURACY = 0.698
@@ -70,47 +61,46 @@ PAPER = {
 
 @dataclass
 class ImageNetConfig:
-    source: str = "tiny"
-    train_per_class: int | None = 100
-    val_per_class: int | None = None
-    epochs: int = 2
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    batch_size: int = 64
-    fit_per_class: int | None = 5
-    opponents: str = "train"
-    opponent_pool_per_class: int | None = 20
-    arnoldi_dim: int = 20
-    embedding_dim: int = 10
-    chunk_size: int = 16
-    max_accuracy: float = 0.4
-    absolute_max_accuracy: bool = False
-    min_size: int = 25
-    branching: int = 3
-    max_depth: int = 10
-    n_nearest: int = 4
-    n_opponents: int = 4
-    figure_slices: int = 6
-    num_workers: int = 0
-    seed: int = 0
-    device: str = "cpu"
+    source: str = option("tiny", "'tiny': a ResNet-18 trained here on the Tiny-ImageNet subset; 'imagenet': "
+                                 "torchvision's ImageNet weights on --imagenet-val", choices=("tiny", "imagenet"))
+    train_per_class: int | None = option(100, "training images per class ('none': all)")
+    val_per_class: int | None = option(None, "analysed images per class ('none': all)")
+    epochs: int = option(2, "training epochs")
+    lr: float = option(2e-3, "learning rate (AdamW)")
+    weight_decay: float = option(5e-4, "AdamW weight decay")
+    batch_size: int = option(64, "batch size of every pass")
+    fit_per_class: int | None = option(5, "images per class FactorHessian is fitted on ('none': all)")
+    opponents: str = option("train", "search opponents among training images, or among the analysed ones (the "
+                                     "paper's choice)", choices=("train", "val"))
+    opponent_pool_per_class: int | None = option(20, "training images per class in the opponent pool ('none': all)")
+    arnoldi_dim: int = option(20, "P: Arnoldi iterations")
+    embedding_dim: int = option(10, "D: embedding width")
+    chunk_size: int = option(16, "examples per vmap chunk of per-example gradients")
+    max_accuracy: float = option(0.4, "A: slices have accuracy <= A (scaled by accuracy / 0.698 unless "
+                                      "--absolute-max-accuracy)")
+    absolute_max_accuracy: bool = option(False, "use A as given, not scaled by the model's accuracy")
+    min_size: int = option(25, "S: slices have at least S images")
+    branching: int = option(3, "B: K-Means clusters per split")
+    max_depth: int = option(10, "deepest split of InfEmbed-Rule")
+    n_nearest: int = option(4, "images nearest each slice centre to show")
+    n_opponents: int = option(4, "opponents per slice")
+    figure_slices: int = option(6, "slices shown in figure_slices.png")
+    num_workers: int = option(0, "DataLoader workers for decoding images")
+    seed: int = option(0, "seeds the subsets, the initialisation, training, the Arnoldi start and K-Means")
+    device: str = option("cpu", "torch device, e.g. cpu or cuda")
 
 
-# --device cuda: the paper's P and D, the whole training split, a model worth analysing.
+# --paper-scale (default with --device cuda): the paper's P and D, the whole training split, a model worth analysing.
 PAPER_SCALE = dict(train_per_class=None, epochs=15, batch_size=128, fit_per_class=50, opponent_pool_per_class=None,
                    arnoldi_dim=500, embedding_dim=100, chunk_size=64, num_workers=8)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    defaults = ImageNetConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m experiments.imagenet_resnet18")
+def build_parser():
+    parser = study_parser(ImageNetConfig, __doc__, "python -m experiments.imagenet_resnet18", PAPER_SCALE)
     parser.add_argument("--imagenet-val", default=None, help="ImageNet validation folder (ImageFolder layout)")
     parser.add_argument("--weights", default=None, help="ResNet-18 ImageNet state dict (default: torchvision cache)")
     parser.add_argument("--opponent-folder", default=None,
                         help="ImageFolder of training images for FactorHessian and opponents (canonical path)")
-    parser.add_argument("--out", default=None, help="results folder (default: results/imagenet_resnet18)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_options(parser, defaults, PAPER_SCALE)
     return parser
 
 
@@ -133,17 +123,10 @@ def _images(config: ImageNetConfig, imagenet_val: str | None, weights: str | Non
     raise InputError(f"source must be 'tiny' or 'imagenet'; got {config.source!r}")
 
 
-def _subset_positions(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
-    if per_class is None:
-        return np.arange(labels.shape[0])
-    rng = np.random.default_rng(seed)
-    keep = [rng.choice(np.flatnonzero(labels == c), size=min(per_class, int((labels == c).sum())), replace=False)
-            for c in np.unique(labels)]
-    return np.sort(np.concatenate(keep))
-
-
-def _set_key(images: ImageFolderSet) -> str:
-    return hashlib.md5("\n".join(p for p, _ in images.samples).encode()).hexdigest()
+def _source(images: ImageFolderSet, config: ImageNetConfig) -> Source:
+    """The images as the trunk sees them (no augmentation), keyed by their files and geometry."""
+    loader = DataLoader(images.without_augmentation(), batch_size=config.batch_size, num_workers=config.num_workers)
+    return Source(loader, content_key([path for path, _ in images.samples], repr(images.geometry)))
 
 
 def run(config: ImageNetConfig, out: str | None = None, imagenet_val: str | None = None, weights: str | None = None,
@@ -152,77 +135,48 @@ def run(config: ImageNetConfig, out: str | None = None, imagenet_val: str | None
     if config.opponents not in ("train", "val"):
         raise InputError(f"opponents must be 'train' or 'val'; got {config.opponents!r}")
     model, class_names, train, analysed = _images(config, imagenet_val, weights, opponent_folder)
-    device = config.device
-    split = split_resnet(model, ("layer4", "fc"))
-
-    # Stage 1: the model (trained here for the offline default, cached by configuration).
-    if config.source == "tiny":
-        train_config = TrainConfig(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
-                                   seed=config.seed, device=device)
+    training = None
+    if config.source == "tiny":  # the offline default trains its model; the canonical path has ImageNet weights
         loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers,
                             generator=torch.Generator().manual_seed(config.seed))
-        cached_training(model, lambda m: train_model(m, loader, train_config, progress=progress),
-                        cache_dir(EXPERIMENT, "models"),
-                        {"arch": "resnet18", "train": _set_key(train), **asdict(train_config),
-                         "batch_size": config.batch_size})
-    model.to(device).eval()
-    weights_key = state_key(model)
-
-    # Stage 2: frozen-trunk features (stem..layer3) of the analysed and training images.
-    def features_of(images: ImageFolderSet, what: str):
-        path = cache_dir(EXPERIMENT, "features") / f"{config_key({'weights': weights_key, 'images': _set_key(images)})}.pt"
-        return cached_features(split.trunk, DataLoader(images.without_augmentation(), batch_size=config.batch_size,
-                                                       num_workers=config.num_workers),
-                               model, path, device, progress, f"trunk features ({what})")
-
-    val_features, val_targets = features_of(analysed, "analysed")
+        training = Training(TrainConfig(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
+                                        seed=config.seed, device=config.device), loader=loader,
+                            data_key=content_key([path for path, _ in train.samples], repr(train.augment)),
+                            settings={"batch_size": config.batch_size})
+    sources = {"analysed": _source(analysed, config)}
     if config.opponents == "val" or train is None:
-        pool_set, pool_features, pool_targets = analysed, val_features, val_targets
-        fit_pos = _subset_positions(analysed.labels, config.fit_per_class, config.seed)
-        opp_pos = np.arange(len(analysed))
+        pool_set = analysed
+        fit = Part("analysed", per_class_subset(analysed.labels, config.fit_per_class, config.seed))
+        pool = Part("analysed")
     else:
         # Only the training images that fit the Hessian or may be opponents need features.
-        train_labels = train.labels
-        fit_all = _subset_positions(train_labels, config.fit_per_class, config.seed)
-        opp_all = _subset_positions(train_labels, config.opponent_pool_per_class, config.seed + 1)
+        fit_all = per_class_subset(train.labels, config.fit_per_class, config.seed)
+        opp_all = per_class_subset(train.labels, config.opponent_pool_per_class, config.seed + 1)
         needed = np.union1d(fit_all, opp_all)
         pool_set = ImageFolderSet([train.samples[i] for i in needed], class_names, train.geometry, None, train.source)
-        fit_pos, opp_pos = np.searchsorted(needed, fit_all), np.searchsorted(needed, opp_all)
-        pool_features, pool_targets = features_of(pool_set, "training images")
-    pool_labels = pool_targets.numpy()
-
-    analysed_loader = feature_loader(val_features, val_targets, config.batch_size)
-    predictions = predict(split.head, analysed_loader, device=device, progress=progress)
-    labels, predicted = predictions.targets, predictions.predicted
-
-    # Stage 3: FactorHessian on training images, embeddings of analysed images and the opponent pool.
-    key = {"weights": weights_key, "pool": _set_key(pool_set)}
-    embedder = cached_embedder(
-        EXPERIMENT, split.head, split.head_layers,
-        feature_loader(pool_features[fit_pos], pool_targets[fit_pos], config.batch_size),
-        {**key, "fit": fit_pos.tolist()}, arnoldi_dim=config.arnoldi_dim, embedding_dim=config.embedding_dim,
-        seed=config.seed, device=device, chunk_size=config.chunk_size, progress=progress,
+        sources["pool"] = _source(pool_set, config)
+        fit, pool = Part("pool", np.searchsorted(needed, fit_all)), Part("pool", np.searchsorted(needed, opp_all))
+    opp_pos = np.arange(len(pool_set)) if pool.positions is None else pool.positions
+    study = Study(
+        name=EXPERIMENT, model=split_resnet(model, ("layer4", "fc")), sources=sources, analysed=Part("analysed"),
+        fit=fit, pool=pool, class_names=class_names, training=training,
+        factors=FactorConfig(arnoldi_dim=config.arnoldi_dim, embedding_dim=config.embedding_dim, seed=config.seed),
+        batch_size=config.batch_size, chunk_size=config.chunk_size, device=config.device, n_nearest=config.n_nearest,
     )
-    factors_key = {**key, "fit": config_key({"fit": fit_pos.tolist()}), "P": config.arnoldi_dim,
-                   "D": config.embedding_dim, "seed": config.seed}
-    embeddings = cached_embeddings(EXPERIMENT, embedder, analysed_loader,
-                                   {**factors_key, "images": _set_key(analysed)})
-    pool_embeddings = embeddings if pool_set is analysed and opp_pos.size == len(analysed) else cached_embeddings(
-        EXPERIMENT, embedder, feature_loader(pool_features[opp_pos], pool_targets[opp_pos], config.batch_size),
-        {**factors_key, "images": _set_key(pool_set), "positions": config_key({"p": opp_pos.tolist()})},
-    )
+    result = embed(study, progress)
+    if not result.writes_results:  # another rank of a torchrun job writes them
+        return {}
+    predictions, labels, predicted = result.predictions, result.labels, result.predicted
+    pool_labels = pool_set.labels
 
-    # Stage 4: InfEmbed-Rule, opponents, table and figures.
+    # InfEmbed-Rule, opponents, table and figures.
     max_accuracy = config.max_accuracy if config.absolute_max_accuracy else \
         config.max_accuracy * predictions.accuracy / PAPER_MODEL_ACCURACY
-    slices, tree = rule_slices(embeddings, predictions.correct, max_accuracy, config.min_size, config.branching,
-                               config.max_depth, config.seed)
-    frame = summarize_slices(slices, embeddings, labels, predicted, config.n_nearest, class_names) if slices else None
+    slices, tree, frame = result.rule(max_accuracy, config.min_size, config.branching, config.max_depth, config.seed)
+    metrics = result.coverage(frame)
     out_dir = results_dir(EXPERIMENT, out)
-    n_errors = int((~predictions.correct).sum())
-    in_slices = np.zeros(len(labels), dtype=bool)
     if frame is not None:
-        opponents = opponents_per_slice(pool_embeddings, embeddings, frame["members"], config.n_opponents)
+        opponents = result.opponents(frame, config.n_opponents)
         frame["opponents"] = [[int(opp_pos[i]) for i in o] for o, _ in opponents]  # positions in the pool set
         frame["opponent_scores"] = [s for _, s in opponents]
         frame["opponent_labels"] = [[class_names[pool_labels[i]] for i in o] for o in frame["opponents"]]
@@ -251,8 +205,6 @@ def run(config: ImageNetConfig, out: str | None = None, imagenet_val: str | None
         )
         plot_slice_distributions(frame, out_dir / "figure_distributions.png",
                                  title=f"{len(frame)} slices (labels red, predictions blue)")
-        for members in frame["members"]:
-            in_slices[members] = True
     else:
         frame = pd.DataFrame(columns=["slice", "size", "accuracy", "n_errors", "label_distribution",
                                       "prediction_distribution", "members"])
@@ -260,8 +212,9 @@ def run(config: ImageNetConfig, out: str | None = None, imagenet_val: str | None
     summary = {
         "title": "ImageNet-style: InfEmbed-Rule slices of a ResNet-18",
         "experiment": EXPERIMENT,
-        "config": {**asdict(config), "layers": list(split.head_layers), "effective_max_accuracy": round(max_accuracy, 4),
-                   "fit_examples": int(fit_pos.size), "opponent_pool_examples": int(len(pool_embeddings))},
+        "config": {**asdict(config), "layers": list(study.model.head_layers),
+                   "effective_max_accuracy": round(max_accuracy, 4), "fit_examples": result.fit_size,
+                   "opponent_pool_examples": int(len(result.pool_embeddings))},
         "data_source": {
             "kind": "offline stand-in" if config.source == "tiny" else "canonical",
             "name": "Tiny-ImageNet 30-class subset (../shared/data/tiny-imagenet-subset)" if config.source == "tiny"
@@ -270,23 +223,12 @@ def run(config: ImageNetConfig, out: str | None = None, imagenet_val: str | None
                 f"{len(analysed)} analysed images; "
                 + (f"ResNet-18 trained from scratch on {len(train)} training images (64 px); " if train is not None
                    and config.source == "tiny" else "")
-                + f"FactorHessian on {fit_pos.size} and opponents among {len(pool_embeddings)} "
+                + f"FactorHessian on {result.fit_size} and opponents among {len(result.pool_embeddings)} "
                 + ("training images" if pool_set is not analysed else "analysed images")
             ),
         },
-        "metrics": {
-            "analysed_examples": len(analysed),
-            "test_accuracy": round(predictions.accuracy, 4),
-            "n_errors": n_errors,
-            "n_slices": len(slices),
-            "slice_examples": int(in_slices.sum()),
-            "slice_accuracy": round(float(predictions.correct[in_slices].mean()), 4) if in_slices.any() else None,
-            "errors_covered": int((in_slices & ~predictions.correct).sum()),
-            "share_of_errors_covered": round(float((in_slices & ~predictions.correct).sum() / n_errors), 4)
-            if n_errors else None,
-            "rule_tree": {s: statuses.count(s) for s in sorted(set(statuses))},
-            "embedding_components": int(embeddings.shape[1]),
-        },
+        "metrics": {**metrics, "rule_tree": {s: statuses.count(s) for s in sorted(set(statuses))},
+                    "embedding_components": int(result.embeddings.shape[1])},
         "error_pairs": dict(list(errors_by_pair(labels, predicted, class_names).items())[:20]),
         "paper": PAPER,
         "slice_tables": [{"file": "slices.csv", "title": f"InfEmbed-Rule slices (accuracy <= {max_accuracy:.1%}, "
@@ -297,8 +239,10 @@ def run(config: ImageNetConfig, out: str | None = None, imagenet_val: str | None
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    config = resolve_config(ImageNetConfig(), PAPER_SCALE, args)
+    config = study_config(ImageNetConfig, PAPER_SCALE, args)
     summary = run(config, args.out, args.imagenet_val, args.weights, args.opponent_folder, progress=not args.quiet)
+    if not summary:
+        return summary
     m = summary["metrics"]
     print(f"ImageNet-style ({summary['data_source']['kind']}): accuracy {m['test_accuracy']:.3f}, rule A = "
           f"{summary['config']['effective_max_accuracy']:.3f}, S = {config.min_size}: {m['n_slices']} slices, "

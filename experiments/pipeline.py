@@ -26,6 +26,11 @@ a study's own (its data, model, tables, figures) stays in its module; the comman
 every study is built by :func:`study_parser` / :func:`study_config` from its
 configuration dataclass (help in the fields' metadata), with the paper-scale preset that
 ``--device cuda`` (or ``--paper-scale``) selects.
+
+Under ``torchrun --nproc-per-node N -m experiments.<study>`` the factors and embeddings
+are computed data-parallel (:mod:`harness.distributed`: each rank fits and embeds its
+shard of the fit and analysed parts); every rank ends with the same embeddings, and only
+rank 0 (``Embedded.writes_results``) writes the results folder.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from harness import FactorConfig, InfluenceEmbedder
+from harness import FactorConfig, InfluenceEmbedder, distributed
 from harness.cache import Cache, Keyed, content_key, weights_key
 from harness.embed import FACTORS_FORMAT
 from harness.errors import InputError
@@ -137,6 +142,12 @@ class Embedded:
     fit_size: int
 
     @property
+    def writes_results(self) -> bool:
+        """Whether this process writes the results: every rank of a torchrun job holds the
+        same embeddings, and rank 0 writes them."""
+        return distributed.rank() == 0
+
+    @property
     def labels(self) -> np.ndarray:
         return self.predictions.targets
 
@@ -193,6 +204,14 @@ def embed(study: Study, progress: bool = True) -> Embedded:
         if part is not None and part.source not in study.sources:
             raise InputError(f"the {role} part names source {part.source!r}; the study has {sorted(study.sources)}")
     cache, split, device, training = Cache(study.name), study.model, study.device, study.training
+    # Under torchrun every rank trains and runs the trunk alike (or loads them from the cache), then
+    # fits and embeds its own contiguous shard; HVPs are summed and embeddings gathered in order.
+    distributed.init_from_env()
+    world = distributed.world_size()
+
+    def shard_loader(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
+        examples = TensorDataset(x, y)
+        return DataLoader(distributed.shard(examples) if world > 1 else examples, batch_size=study.batch_size)
 
     # Weights: the whole model, trained on input batches (or as given).
     if training is not None and training.loader is not None:
@@ -247,11 +266,12 @@ def embed(study: Study, progress: bool = True) -> Embedded:
     def fit() -> InfluenceEmbedder:
         embedder = InfluenceEmbedder(split.head, layers=list(split.head_layers), device=device,
                                      chunk_size=study.chunk_size, progress=progress, **asdict(study.factors))
-        return embedder.fit(feature_loader(*part_tensors(study.fit), study.batch_size))
+        return embedder.fit(shard_loader(*part_tensors(study.fit)))
 
     factors = cache.stage(
         "factors", fit, inputs={"head": head, "features": features[study.fit.source], "rows": study.fit.key()},
-        config={"factors": asdict(study.factors), "layers": list(split.head_layers), "batch_size": study.batch_size},
+        config={"factors": asdict(study.factors), "layers": list(split.head_layers), "batch_size": study.batch_size,
+                "world_size": world},
         version=FACTORS_FORMAT, save=lambda embedder, path: embedder.save(path),
         load=lambda path: InfluenceEmbedder.load(path, split.head, device=device, chunk_size=study.chunk_size,
                                                  progress=progress),
@@ -260,10 +280,9 @@ def embed(study: Study, progress: bool = True) -> Embedded:
 
     def embeddings_of(part: Part) -> Keyed:
         return cache.stage(
-            "embeddings", lambda: torch.from_numpy(embedder.transform(feature_loader(*part_tensors(part),
-                                                                                     study.batch_size))),
+            "embeddings", lambda: torch.from_numpy(embedder.transform(shard_loader(*part_tensors(part)))),
             inputs={"factors": factors, "features": features[part.source], "rows": part.key()},
-            config={"batch_size": study.batch_size},
+            config={"batch_size": study.batch_size, "world_size": world},
         )
 
     analysed = embeddings_of(study.analysed)

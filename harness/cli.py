@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -28,7 +27,7 @@ import os
 import sys
 import traceback
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,10 +36,10 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from harness import distributed
-from harness.embed import FACTORS_FORMAT, InfluenceEmbedder
+from harness.cache import content_key, stage_key, weights_key
+from harness.embed import FACTORS_FORMAT, FactorConfig, InfluenceEmbedder
 from harness.errors import InputError
 from harness.io import (
     atomic_path,
@@ -51,6 +50,7 @@ from harness.io import (
     load_torch_file,
     output_dir,
 )
+from harness.options import add_config_options, config_from_args, flag
 from harness.paths import cache_dir
 from harness.report.html import (
     experiment_dirs,
@@ -60,9 +60,17 @@ from harness.report.html import (
     write_report,
     write_reports,
 )
-from harness.slicing import kmeans_slices, rule_slices, slice_opponents, slice_proponents, summarize_slices
+from harness.slicing import (
+    RuleConfig,
+    kmeans_slices,
+    opponents_per_slice,
+    rule_slices,
+    slice_opponents,
+    slice_proponents,
+    summarize_slices,
+)
 from harness.task import ClassificationTask
-from harness.train import config_key, predict
+from harness.train import predict
 from harness.validation import check_device, check_float, check_indices, check_int, check_numeric_array, check_seed
 
 PROG = "infembed"
@@ -292,21 +300,13 @@ def _class_names(value: str | None) -> list[str] | None:
 # ---------------------------------------------------------------- embed
 def _factors_cache_path(model: nn.Module, train: dict[str, Any], embedder: InfluenceEmbedder) -> Path:
     """Where the factors of this exact fit are cached: keyed by the model (architecture and
-    every weight), the training data and the factor configuration, so a rerun after an
-    interrupt (or with other test data) skips FactorHessian."""
-    digest = hashlib.sha256()
-    digest.update(repr(model).encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    for tensor in (train["inputs"], train["targets"]):
-        digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
-        digest.update(tensor.contiguous().numpy().tobytes())
-    # torch's kernels differ by CPU capability and version, and so do the factors' last digits.
-    digest.update(config_key({"config": asdict(embedder.config), "layers": embedder.layers, "torch": torch.__version__,
-                              "cpu": torch.backends.cpu.get_cpu_capability(), "device": str(embedder.device),
-                              "format": FACTORS_FORMAT}).encode())
-    return cache_dir("cli", "factors") / f"{digest.hexdigest()[:24]}.pt"
+    every weight), the training data, the factor configuration and the kernel environment
+    (:mod:`harness.cache`), so a rerun after an interrupt (or with other test data) skips
+    FactorHessian."""
+    key = stage_key("factors", inputs={"model": weights_key(model), "train": content_key(train["inputs"], train["targets"])},
+                    config={"config": asdict(embedder.config), "layers": embedder.layers, "device": str(embedder.device)},
+                    version=FACTORS_FORMAT)
+    return cache_dir("cli", "factors") / f"{key}.pt"
 
 
 def _check_runs_on(model: nn.Module, data: dict[str, Any], device: torch.device, split: str, batch_size: int) -> None:
@@ -326,10 +326,11 @@ def _check_runs_on(model: nn.Module, data: dict[str, Any], device: torch.device,
 
 def cmd_embed(args: argparse.Namespace) -> int:
     batch_size = check_int(args.batch_size, "--batch-size", 1)
-    check_int(args.arnoldi_dim, "--arnoldi-dim", 1)
-    check_int(args.embedding_dim, "--embedding-dim", 1)
-    check_seed(args.seed, "--seed")
-    check_float(args.damping, "--damping", 0.0)
+    factor_config = config_from_args(FactorConfig(), args)
+    check_int(factor_config.arnoldi_dim, "--arnoldi-dim", 1)
+    check_int(factor_config.embedding_dim, "--embedding-dim", 1)
+    check_seed(factor_config.seed, "--seed")
+    check_float(factor_config.damping, "--damping", 0.0)
     device = check_device(args.device, "--device")
     out = check_output_path(args.out, "--out")
     factors_path = check_output_path(args.factors, "--factors") if args.factors else None
@@ -338,17 +339,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     # Under torchrun each rank factors and embeds its own contiguous shard (see harness.distributed).
     sharded = distributed.init_from_env()
     model = load_model(args.model_module, args.checkpoint).to(device)
-    embedder = InfluenceEmbedder(
-        model,
-        layers=args.layers,
-        arnoldi_dim=args.arnoldi_dim,
-        embedding_dim=args.embedding_dim,
-        seed=args.seed,
-        hessian_reduction=args.hessian_reduction,
-        damping=args.damping,
-        device=device,
-        progress=not args.quiet,
-    )
+    embedder = InfluenceEmbedder(model, layers=args.layers, device=device, progress=not args.quiet,
+                                 **asdict(factor_config))
     dtype = next(model.parameters()).dtype
     examples, splits, shards = {}, {}, {}
     for split, path in (("train", args.train), ("test", args.test)):
@@ -421,24 +413,21 @@ def _thumbnail_or_text_columns(frame, column: str, prefix: str, data: dict | Non
 
 
 def cmd_slices(args: argparse.Namespace) -> int:
-    rule_options = {"max_accuracy": 0.4, "min_size": 25, "branching": 3, "max_depth": 10}
     if args.k is not None:
-        given = [f"--{k.replace('_', '-')}" for k in rule_options if getattr(args, k) is not None]
+        given = [flag(f.name) for f in fields(RuleConfig) if hasattr(args, f.name)]
         if given:
             raise InputError(f"{', '.join(given)} only apply with --rule, not with --k")
-    for key, default in rule_options.items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
+    rule = config_from_args(RuleConfig(), args)
     check_int(args.n_nearest, "--n-nearest", 1)
     check_int(args.opponents, "--opponents", 0)
     check_seed(args.seed, "--seed")
     if args.k is not None:
         check_int(args.k, "--k", 1)
     else:
-        check_float(args.max_accuracy, "--max-accuracy", 0.0, 1.0)
-        check_int(args.min_size, "--min-size", 1)
-        check_int(args.branching, "--branching", 2)
-        check_int(args.max_depth, "--max-depth", 0)
+        check_float(rule.max_accuracy, "--max-accuracy", 0.0, 1.0)
+        check_int(rule.min_size, "--min-size", 1)
+        check_int(rule.branching, "--branching", 2)
+        check_int(rule.max_depth, "--max-depth", 0)
     out = check_output_dir(args.out, "--out")
     emb = load_embeddings(args.embeddings, need_train=args.opponents > 0)
     test = emb["test_embeddings"]
@@ -448,12 +437,12 @@ def cmd_slices(args: argparse.Namespace) -> int:
         method = {"method": "InfEmbed (K-Means)", "k": args.k}
     else:
         slices, _ = rule_slices(
-            test, labels == predictions, args.max_accuracy, args.min_size, args.branching, args.max_depth, args.seed
+            test, labels == predictions, rule.max_accuracy, rule.min_size, rule.branching, rule.max_depth, args.seed
         )
-        method = {"method": "InfEmbed-Rule", **{k: getattr(args, k) for k in rule_options}}
+        method = {"method": "InfEmbed-Rule", **asdict(rule)}
         if not slices:
             raise InputError(
-                f"InfEmbed-Rule found no slice with accuracy <= {args.max_accuracy} and size >= {args.min_size}; "
+                f"InfEmbed-Rule found no slice with accuracy <= {rule.max_accuracy} and size >= {rule.min_size}; "
                 "relax --max-accuracy or --min-size"
             )
     names = _class_names(args.class_names)
@@ -464,13 +453,10 @@ def cmd_slices(args: argparse.Namespace) -> int:
             raise InputError(f"--class-names has {len(names)} names but labels/predictions span classes [{low}, {span}]")
     frame = summarize_slices(slices, test, labels, predictions, n_nearest=args.n_nearest, class_names=names)
     if args.opponents:
-        train = emb["train_embeddings"]
-        opponents = [
-            slice_opponents(train, test[members], k=args.opponents)
-            for members in tqdm(frame["members"], desc="slice opponents", disable=args.quiet, leave=False)
-        ]
-        frame["opponents"] = [ids.tolist() for ids, _ in opponents]
-        frame["opponent_scores"] = [[round(float(s), 6) for s in scores] for _, scores in opponents]
+        opponents = opponents_per_slice(emb["train_embeddings"], test, frame["members"], args.opponents,
+                                        progress=not args.quiet)
+        frame["opponents"] = [ids for ids, _ in opponents]
+        frame["opponent_scores"] = [scores for _, scores in opponents]
         if "train_labels" in emb:
             frame["opponent_labels"] = [
                 [names[emb["train_labels"][i]] if names else int(emb["train_labels"][i]) for i in ids]
@@ -606,17 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--layers", nargs="+", metavar="NAME",
                        help="modules or parameter names defining theta (e.g. fc layer4); default: every trainable "
                        "parameter")
-    embed.add_argument("--arnoldi-dim", type=int, default=500, metavar="P",
-                       help="Arnoldi iterations, i.e. Hessian-vector-product passes over --train (paper: 500) "
-                       "(default: %(default)s)")
-    embed.add_argument("--embedding-dim", type=int, default=100, metavar="D",
-                       help="eigenpairs kept = embedding width (paper: 100); at most P (default: %(default)s)")
-    embed.add_argument("--seed", type=int, default=0, help="seed of the Arnoldi start vector (default: %(default)s)")
-    embed.add_argument("--hessian-reduction", choices=("mean", "sum"), default="mean",
-                       help="Hessian of the mean training loss, or of the sum (Captum's convention) "
-                       "(default: %(default)s)")
-    embed.add_argument("--damping", type=float, default=0.0,
-                       help="added to every kept eigenvalue (default: %(default)s)")
+    add_config_options(embed.add_argument_group("factor options (harness.FactorConfig; the fit data is --train)"),
+                       FactorConfig, metavars={"arnoldi_dim": "P", "embedding_dim": "D"})
     embed.add_argument("--batch-size", type=int, default=128, help="examples per batch (default: %(default)s)")
     embed.add_argument("--device", default="cpu",
                        help="torch device for gradients, HVPs and predictions, e.g. cpu or cuda (default: %(default)s)")
@@ -642,11 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--k", type=int, metavar="K", help="InfEmbed: K-Means with K slices")
     method.add_argument("--rule", action="store_true",
                         help="InfEmbed-Rule: recursive K-Means until slices meet --max-accuracy and --min-size")
-    slices.add_argument("--max-accuracy", type=float, metavar="A",
-                        help="with --rule: keep regions with accuracy <= A (default 0.4)")
-    slices.add_argument("--min-size", type=int, metavar="S", help="with --rule: and at least S examples (default 25)")
-    slices.add_argument("--branching", type=int, metavar="B", help="with --rule: clusters per split (default 3)")
-    slices.add_argument("--max-depth", type=int, help="with --rule: deepest split (default 10)")
+    add_config_options(slices.add_argument_group("InfEmbed-Rule options (only with --rule)"), RuleConfig,
+                       metavars={"max_accuracy": "A", "min_size": "S", "branching": "B"})
     slices.add_argument("--seed", type=int, default=0, help="K-Means seed (default: %(default)s)")
     slices.add_argument("--n-nearest", type=int, default=4,
                         help="examples nearest each slice centre to list (default: %(default)s)")

@@ -92,7 +92,7 @@ def add_config_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
             if f.name in values and values[f.name] != default:
                 value = values[f.name]
                 shown.append(f"{preset_name}: {'none' if value is None else value}")
-        help_text = f"{text} ({'; '.join(shown)})".strip().replace("%", "%%")
+        help_text = f"{text.rstrip('.')} ({'; '.join(shown)})".strip().replace("%", "%%")
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
         if members == [bool]:
             kwargs["action"] = argparse.BooleanOptionalAction

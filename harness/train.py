@@ -1,17 +1,15 @@
 """The one training loop and the one prediction pass every experiment uses.
 
 Both take a :class:`harness.Task`, so they run on the same batches as
-InfluenceEmbedder. ``cached_training`` persists a trained state dict under the
-cache folder keyed by a configuration dict, and reuses it on the next run.
+InfluenceEmbedder. Trained weights are cached by :mod:`harness.cache`
+(``Cache.trained`` / ``cached_training``), keyed from the initial weights, the data and
+the :class:`TrainConfig`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -20,7 +18,6 @@ from tqdm.auto import tqdm
 
 from harness.errors import InputError
 from harness.hessian import eval_mode, move_to
-from harness.io import atomic_torch_save
 from harness.task import ClassificationTask, Task
 
 
@@ -123,27 +120,3 @@ def predict(
         raise InputError("empty loader: nothing to predict")
     return Predictions(torch.cat(logits).numpy(), torch.cat(targets).numpy())
 
-
-def config_key(config: dict[str, Any]) -> str:
-    """A short stable hash of a JSON-able configuration (cache keys)."""
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def cached_training(
-    model: nn.Module,
-    train: Callable[[nn.Module], nn.Module],
-    cache_path: Path,
-    config: dict[str, Any] | TrainConfig,
-) -> tuple[nn.Module, bool]:
-    """Loads ``model``'s trained weights from ``cache_path/<hash of config>.pt`` or trains
-    it with ``train(model)`` and stores them. Returns (model, loaded_from_cache)."""
-    config_dict = asdict(config) if isinstance(config, TrainConfig) else config
-    path = Path(cache_path) / f"{config_key(config_dict)}.pt"
-    if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-        return model.eval(), True
-    model = train(model)
-    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-    return model.eval(), False

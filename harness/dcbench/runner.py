@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from harness.baselines import ConfusionSlicer, DominoSlicer, KMeansSlicer
+from harness.cache import Cache, cached_training, config_key, content_key
 from harness.dcbench.methods import (
     N_SLICES,
     TABLE1_INFEMBED,
@@ -44,7 +44,7 @@ from harness.errors import InputError
 from harness.io import atomic_torch_save, atomic_write_text
 from harness.models.small import MLPHead, PretrainNet
 from harness.paths import cache_dir
-from harness.train import Predictions, cached_training, config_key, predict, train_model
+from harness.train import Predictions, predict, train_model
 
 RAW_PCA_DIM = 64
 # Spotlight at 200 Adam steps with learning rate 1e-2 (the authors' ImageNet rate) instead of
@@ -85,8 +85,8 @@ def pretrained_trunk(recipe: TrunkRecipe, state: Mapping[str, torch.Tensor] | No
         n_features = trunk.eval()(torch.as_tensor(np.asarray(recipe.data.inputs[:2], dtype=np.float32))).shape[1]
     net = PretrainNet(trunk, n_features, recipe.data.n_classes)
     loader = _loader(recipe.data.inputs, recipe.data.labels, recipe.batch_size, shuffle_seed=recipe.train.seed)
-    net, _ = cached_training(net, lambda m: train_model(m, loader, recipe.train, progress=progress),
-                             cache_dir("dcbench", "trunks"), recipe.key)
+    net = cached_training(net, lambda m: train_model(m, loader, recipe.train, progress=progress), Cache("dcbench"),
+                          config=recipe.key, stage="trunks")
     return net.trunk.eval()
 
 
@@ -105,17 +105,14 @@ def suite_features(suite: Suite, trunk_state: Mapping[str, torch.Tensor] | None 
     weights = state_hash(trunk.state_dict())
     out, by_ids = {}, {}
     for data in suite.report + suite.dev:
-        ids = hashlib.sha256(np.ascontiguousarray(data.example_ids).tobytes()).hexdigest()[:16]
+        ids = content_key(np.ascontiguousarray(data.example_ids))
         if ids not in by_ids:
-            path = cache_dir("dcbench", "features") / f"{config_key({'weights': weights, 'ids': ids})}.npy"
-            if path.is_file():
-                by_ids[ids] = np.load(path, allow_pickle=False)
-            else:
-                by_ids[ids] = _features(trunk, data.inputs)
-                if trunk_state is None:
-                    tmp = path.with_suffix(".tmp.npy")
-                    np.save(tmp, by_ids[ids])
-                    os.replace(tmp, path)
+            def compute(data=data) -> torch.Tensor:
+                return torch.from_numpy(_features(trunk, data.inputs))
+
+            # Given trunk weights (frozen fixtures) are computed from, never cached, as before.
+            by_ids[ids] = (Cache("dcbench").stage("features", compute, inputs={"weights": weights, "examples": ids}).value
+                           if trunk_state is None else compute()).numpy()
         out[data.name] = by_ids[ids]
     return out
 
@@ -172,7 +169,7 @@ def train_head(suite: Suite, problem: SliceProblem, features: np.ndarray, key: d
     train = lambda m: train_model(m, loader, suite.head_train, progress=False)  # noqa: E731
     if key is None:
         return train(head)
-    head, _ = cached_training(head, train, cache_dir("dcbench", "heads"), key)
+    head = cached_training(head, train, Cache("dcbench"), config=key, stage="heads")
     return head
 
 

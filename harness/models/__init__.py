@@ -7,12 +7,16 @@ once under ``torch.no_grad`` and cached, and every gradient, Hessian-vector prod
 embedding runs on the small *head* module fed with those cached features. With the
 model in eval mode this gives exactly the gradients of the whole model restricted to the
 head's parameters. The head shares its modules (and so its parameters) with the model.
+
+Builders and splits by family: :mod:`.vision` (torchvision ResNets, the grey-scale
+ResNet), :mod:`.densenet` (torchxrayvision DenseNets), :mod:`.text` (BERT classifiers),
+:mod:`.small` (the mini-dcbench's trunks and heads, the paper's small DNN). Features are
+cached by :func:`experiments.pipeline.embed` through :mod:`harness.cache`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -21,7 +25,6 @@ from tqdm.auto import tqdm
 
 from harness.errors import InputError
 from harness.hessian import eval_mode, move_to
-from harness.io import atomic_torch_save
 
 
 @dataclass
@@ -58,17 +61,3 @@ def compute_features(
         raise InputError(f"empty loader: no {desc} to compute")
     return torch.cat(features), torch.cat(targets)
 
-
-def cached_features(
-    trunk: Callable[[Any], torch.Tensor], loader: Iterable, model: nn.Module, cache_path: str | Path,
-    device: str | torch.device = "cpu", progress: bool = True, desc: str = "trunk features",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`compute_features`, stored at ``cache_path`` (name it by a config key that
-    covers the model weights and the data) and loaded from there on the next call."""
-    cache_path = Path(cache_path)
-    if cache_path.is_file():
-        state = torch.load(cache_path, map_location="cpu", weights_only=True)
-        return state["features"], state["targets"]
-    features, targets = compute_features(trunk, loader, model, device, progress, desc)
-    atomic_torch_save({"features": features, "targets": targets}, cache_path)
-    return features, targets
