@@ -18,7 +18,9 @@ from harness.data.boneage import (
     load_boneage,
     read_boneage_table,
 )
+from harness.data.tiny_imagenet import TINY_IMAGENET
 from harness.errors import InputError
+from harness.paths import has_dataset
 
 
 def write_rsna_layout(folder, rows, seed=0):
@@ -96,7 +98,7 @@ def test_experiment_end_to_end_on_an_rsna_fixture(tmp_path, monkeypatch):
         "--boneage-train-csv", str(train_csv), "--boneage-train-images", str(train_images),
         "--boneage-test-csv", str(test_csv), "--boneage-test-images", str(test_images),
         "--signals", "none,stripe", "--image-size", "32", "--epochs", "1", "--arnoldi-dim", "12",
-        "--embedding-dim", "6", "--n-opponents", "10", "--out", str(out), "--quiet",
+        "--embedding-dim", "6", "--n-opponents", "10", "--seeds", "0", "--out", str(out), "--quiet",
     ])
     assert summary["data"]["source"] == "RSNA Pediatric Bone Age"
     assert summary["data"]["injected_class"] == "early/mid-puberty"
@@ -111,16 +113,16 @@ def test_experiment_end_to_end_on_an_rsna_fixture(tmp_path, monkeypatch):
         assert lowest["accuracy"] == 0.0 and lowest["prediction_distribution"] == {"pre-puberty": 1.0}
         assert lowest["accuracy"] <= result["max_accuracy_used"] and lowest["size"] >= result["min_size_used"]
         assert sum(lowest["label_distribution"].values()) == pytest.approx(1, abs=1e-3)
-        assert 0.0 <= lowest["injected_class_share"] <= 1.0
+        assert 0.0 <= lowest["injected_class"]["share"] <= 1.0
         assert result["opponents"]["k"] == 10 and result["proponents"]["k"] == 10
-        rows = slices[slices["group"] == result["signal"]]
+        rows = slices[slices["group"] == f"{result['signal']} (seed 0)"]
         assert len(rows) == result["n_slices"]
         assert rows["accuracy"].min() == pytest.approx(lowest["accuracy"], abs=1e-4)
     saved = json.loads((out / "summary.json").read_text())
     assert saved["results"] == json.loads(json.dumps(summary["results"]))
-    for name in ("figure4_injections.png", "figure5.png", "findings.csv", "slices.csv"):
+    for name in ("figure4_injections.png", "figure5.png", "per_seed.csv", "slices.csv"):
         assert (out / name).stat().st_size > 0
-    findings = pd.read_csv(out / "findings.csv")
+    findings = pd.read_csv(out / "per_seed.csv")
     assert findings["signal"].tolist() == ["none", "stripe"]
     assert (findings["data"] == "RSNA Pediatric Bone Age").all()
     assert (findings["n_slices"] >= 1).all() and findings["lowest_slice_accuracy"].notna().all()
@@ -133,3 +135,114 @@ def test_experiment_rejects_a_partial_rsna_layout(tmp_path):
         boneage_spurious.main(["--boneage-train-csv", str(tmp_path / "x.csv"), "--out", str(tmp_path)])
     with pytest.raises(InputError, match="signals must be"):
         boneage_spurious.main(["--signals", "tag,glitter", "--out", str(tmp_path), "--quiet"])
+
+
+def write_tiny_imagenet_layout(root, per_class, seed=0):
+    """A 3-class Tiny-ImageNet-layout folder of 16 px photos: "red" is reddish noise, "blue" and
+    "twin" are drawn from one bluish distribution, so only an injected signal can tell them apart."""
+    rng = np.random.default_rng(seed)
+    wnids = {"n00000001": "red", "n00000002": "blue", "n00000003": "twin"}
+    root.mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (root / "words.txt").write_text("".join(f"{w}\t{name}, other name\n" for w, name in wnids.items()))
+    for split, count in per_class.items():
+        for wnid, name in wnids.items():
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            base = np.array([170, 60, 60]) if name == "red" else np.array([60, 60, 170])
+            for i in range(count):
+                pixels = np.clip(base + rng.normal(0, 25, size=(16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{wnid}_{i}.JPEG", quality=95)
+    return root
+
+
+def test_stand_in_study_finds_a_learned_shortcut_and_reports_per_seed_intervals(tmp_path, monkeypatch):
+    """The stripe is the only cue that separates "twin" from "blue" in training, so the stripe model
+    must predict "twin" for striped images of the other classes and miss the unstriped twin test
+    images, which must then dominate the lowest-accuracy slice; the control has no such shortcut."""
+    monkeypatch.setenv("INFEMBED_CACHE", str(tmp_path / "cache"))
+    from experiments import boneage_spurious
+
+    root = write_tiny_imagenet_layout(tmp_path / "tiny", {"train": 24, "val": 10})
+    out = tmp_path / "out"
+    summary = boneage_spurious.main([
+        "--data-root", str(root), "--classes", "red,blue,twin", "--injected", "twin", "--signals", "none,stripe",
+        "--seeds", "0,1", "--image-size", "16", "--epochs", "25", "--lr", "0.01", "--arnoldi-dim", "12",
+        "--embedding-dim", "6", "--n-opponents", "10", "--out", str(out), "--quiet",
+    ])
+    assert summary["data"]["injected_class"] == "twin" and summary["data"]["n_test"] == 30
+    by_run = {(r["signal"], r["seed"]): r for r in summary["results"]}
+    assert sorted(by_run) == [("none", 0), ("none", 1), ("stripe", 0), ("stripe", 1)]
+    for seed in (0, 1):
+        striped, control = by_run[("stripe", seed)], by_run[("none", seed)]
+        # Half of the other test images are "blue": striped, they must all turn into "twin".
+        assert striped["mechanism"]["shortcut_rate"]["stripe"] >= 0.45
+        assert control["mechanism"]["shortcut_rate"]["stripe"] <= 0.1
+        assert striped["test_accuracy_injected_class"] <= 0.2
+        assert striped["test_accuracy_per_class"]["red"] >= 0.9
+        share = striped["lowest_slice"]["injected_class"]
+        assert share["share"] >= 0.5 and share["n"] == striped["lowest_slice"]["size"]
+        assert share["wilson95"][0] <= share["share"] <= share["wilson95"][1]
+        for part in ("opponents", "proponents"):
+            counted = striped[part]["injected_class"]
+            assert counted["n"] == 10 and counted["count"] == round(counted["share"] * 10)
+        mechanism = striped["mechanism"]
+        assert mechanism["train_loss"]["injected_class"]["mean"] >= 0
+        assert mechanism["train_head_gradient_norm"]["other_classes"]["mean"] >= 0
+    rows = pd.read_csv(out / "per_seed.csv")
+    assert len(rows) == 4 and set(rows["seed"]) == {0, 1}
+    assert (rows["slice_injected_class_wilson_low"] <= rows["slice_injected_class_share"]).all()
+    aggregate = summary["across_seeds"]["stripe"]["slice_injected_class_share"]
+    assert aggregate["n_seeds"] == 2 and aggregate["t95"][0] <= aggregate["mean"] <= aggregate["t95"][1]
+    assert aggregate["mean"] == pytest.approx(np.mean(aggregate["values"]), abs=1e-4)
+    table = (out / "findings.md").read_text().splitlines()
+    assert table[2] == "| | none | stripe |" and len(table) == 16
+
+
+def test_per_example_head_gradients_match_autograd_one_example_at_a_time():
+    import torch
+
+    from experiments.boneage_spurious import per_example_head_gradients
+
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    features, targets = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    losses, norms = per_example_head_gradients(head, features, targets, batch_size=3)
+    for i in range(7):
+        head.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(features[i:i + 1]), targets[i:i + 1])
+        loss.backward()
+        expected = torch.sqrt(sum(p.grad.pow(2).sum() for p in head.parameters()))
+        assert losses[i] == pytest.approx(float(loss), rel=1e-5)
+        assert norms[i] == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.skipif(not has_dataset(TINY_IMAGENET), reason=f"shared dataset {TINY_IMAGENET!r} is absent")
+def test_stand_in_runs_on_the_shared_tiny_imagenet_subset(tmp_path, monkeypatch):
+    monkeypatch.setenv("INFEMBED_CACHE", str(tmp_path / "cache"))
+    from experiments import boneage_spurious
+
+    summary = boneage_spurious.main([
+        "--train-per-class", "20", "--signals", "tag", "--seeds", "0", "--image-size", "32", "--epochs", "1",
+        "--arnoldi-dim", "12", "--embedding-dim", "6", "--out", str(tmp_path), "--quiet",
+    ])
+    assert summary["note"].startswith("STAND-IN")
+    assert summary["data"]["class_names"] == ["goldfish", "king penguin", "monarch", "teapot", "pizza"]
+    assert summary["data"]["injected_class"] == "monarch"
+    assert summary["data"]["train_class_counts"].tolist() == [20] * 5
+    assert summary["data"]["test_class_counts"].tolist() == [50] * 5
+    assert summary["results"][0]["min_size_used"] == 25  # 250 test images: the paper's S as written
+    assert (tmp_path / "figure4_injections.png").stat().st_size > 0
+
+
+def test_paper_scale_preset_is_the_papers_resnet50_and_explicit_options_override_it():
+    from experiments.boneage_spurious import PAPER_SCALE, BoneAgeConfig, build_parser
+    from experiments.pipeline import study_config
+
+    offline = study_config(BoneAgeConfig, PAPER_SCALE, build_parser().parse_args([]))
+    assert (offline.model, offline.image_size) == ("small_cnn", 32)
+    paper = study_config(BoneAgeConfig, PAPER_SCALE, build_parser().parse_args(["--device", "cuda"]))
+    assert (paper.model, paper.image_size, paper.device) == ("resnet50", 299, "cuda")
+    assert (paper.max_accuracy, paper.min_size, paper.n_opponents) == (0.4, 25, 50)
+    mixed = study_config(BoneAgeConfig, PAPER_SCALE, build_parser().parse_args(["--paper-scale", "--image-size", "224"]))
+    assert (mixed.model, mixed.image_size) == ("resnet50", 224)

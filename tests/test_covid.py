@@ -126,17 +126,3 @@ def test_covid_experiment_end_to_end_on_a_tiny_subset(tmp_path, fresh_cache):
     covid = table.loc["COVID-19"]
     assert ((covid.filter(regex="^(FN|TP)").dropna() == 1).all() and (covid.filter(regex="^(TN|FP)").dropna() == 0).all())
     assert json.loads((out / "summary.json").read_text())["influence"]["layers"][0] == "classifier"
-
-
-@needs_data
-def test_boneage_stand_in_end_to_end_on_a_tiny_subset(tmp_path, fresh_cache):
-    from experiments import boneage_spurious
-
-    summary = boneage_spurious.main([
-        "--subset", "80", "--signals", "tag", "--image-size", "32", "--epochs", "2", "--arnoldi-dim", "12",
-        "--embedding-dim", "6", "--out", str(tmp_path), "--quiet",
-    ])
-    assert summary["note"].startswith("STAND-IN")
-    assert summary["data"]["injected_class"] == summary["data"]["class_names"][2]
-    assert summary["data"]["n_train"] + summary["data"]["n_test"] == 80
-    assert (tmp_path / "figure4_injections.png").stat().st_size > 0

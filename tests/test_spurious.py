@@ -99,3 +99,11 @@ def test_bad_inputs_are_named():
 def test_figure_shows_the_original_and_every_signal():
     figure = figure_injections(textured())
     assert [ax.get_title() for ax in figure.axes] == ["original", *INJECTIONS]
+
+
+def test_figure_shows_photos_in_colour():
+    photo = torch.stack([textured(seed=0)[0], textured(seed=1)[0], textured(seed=2)[0]])
+    figure = figure_injections(photo)
+    shown = figure.axes[0].get_images()[0].get_array()
+    assert shown.shape == (64, 64, 3)
+    assert torch.allclose(torch.as_tensor(shown, dtype=torch.float32), photo.permute(1, 2, 0))

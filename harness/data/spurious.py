@@ -187,7 +187,10 @@ def figure_injections(image: torch.Tensor, title: str = "Injected signals (paper
     panels = [("original", image)] + [(name, signal(image)) for name, signal in INJECTIONS.items()]
     figure = Figure(figsize=(2.6 * len(panels), 2.9), facecolor="0.8")  # a white stripe stays visible at the edge
     for ax, (name, shown) in zip(figure.subplots(1, len(panels)), panels):
-        ax.imshow(shown.mean(0).numpy(), cmap="gray", vmin=0, vmax=1)
+        if shown.shape[0] == 3:  # photos in colour, X-rays in grey
+            ax.imshow(shown.permute(1, 2, 0).numpy(), vmin=0, vmax=1)
+        else:
+            ax.imshow(shown.mean(0).numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(name)
         ax.axis("off")
     figure.suptitle(title)

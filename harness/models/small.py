@@ -80,13 +80,15 @@ class MLPHead(nn.Module):
 
 class SmallCNN(nn.Module):
     """The paper's appendix-G small DNN: blocks of conv(5x5, stride 1)-ReLU-BatchNorm-max-pool,
-    then two fully connected layers (``head.fc1``, ``head.fc2``)."""
+    then two fully connected layers (``head.fc1``, ``head.fc2``), on images of ``channels``
+    channels (1: X-rays; 3: photos)."""
 
-    def __init__(self, n_classes: int, image_size: int, widths: tuple[int, ...] = (8, 16, 32, 32), hidden: int = 64):
+    def __init__(self, n_classes: int, image_size: int, widths: tuple[int, ...] = (8, 16, 32, 32), hidden: int = 64,
+                 channels: int = 1):
         super().__init__()
         if image_size % (2 ** len(widths)):
             raise InputError(f"image_size must be a multiple of {2 ** len(widths)}; got {image_size}")
-        blocks, channels = [], 1
+        blocks = []
         for width in widths:
             blocks += [nn.Conv2d(channels, width, 5, padding=2), nn.ReLU(), nn.BatchNorm2d(width), nn.MaxPool2d(2)]
             channels = width
