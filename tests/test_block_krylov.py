@@ -300,3 +300,27 @@ def test_trunk_argument_equals_the_full_model_with_the_suffix_selected(mlp64):
                                rtol=1e-6, atol=1e-9)
     with pytest.raises(InputError, match="trunk"):
         InfluenceEmbedder(model[2], trunk="layer3")
+
+
+def test_automatic_block_size_boundaries_and_device_memory(monkeypatch):
+    """P / (2 D) - 1 = 2 is the smallest bound that allows blocks; on CUDA the device's own total
+    memory (not the host's) bounds the block."""
+    cpu = torch.device("cpu")
+    assert automatic_block_size(1, n_iterations=30, n_components=5, device=cpu) == 2
+    assert automatic_block_size(1, n_iterations=29, n_components=5, device=cpu) == 1
+
+    asked = []
+
+    def properties(device):
+        asked.append(device)
+        return type("Properties", (), {"total_memory": total_memory})()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    cuda = torch.device("cuda", 1)
+    total_memory = 4 * 3 * 1000  # a quarter holds 3 directions of 1000 bytes
+    assert automatic_block_size(1000, n_iterations=5000, n_components=100, device=cuda) == 3
+    assert asked == [cuda]
+    total_memory = 4 * 3  # 3 directions of 1 byte; a 0-byte estimate counts as 1 byte
+    assert automatic_block_size(1, n_iterations=5000, n_components=100, device=cuda) == 3
+    assert automatic_block_size(0, n_iterations=5000, n_components=100, device=cuda) == 3
+    assert automatic_block_size(1000, n_iterations=5000, n_components=100, device=cpu) == 8
