@@ -41,6 +41,10 @@ def diff(name: str) -> str:
     return shown.stdout.strip() or shown.stderr.strip()
 
 
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
 def module_score(statuses: dict[str, str], equivalent: dict[str, str]) -> dict:
     counts = Counter(statuses.values())
     checked = {n: s for n, s in statuses.items() if s not in ("not checked", "skipped")}
@@ -74,6 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     denominator = sum(m["checked"] - m["equivalent"] for m in measured)
     summary = {
         "command": args.command,
+        # the code the mutants were made from: mutmut reruns a function's mutants when its source changes
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "harness_tree": git("rev-parse", "--short", "HEAD:harness"),
+        "harness_changed_since_commit": bool(git("status", "--porcelain", "--", "harness")),
         "modules": modules,
         "not_measured": sorted(module for module, m in modules.items() if not m["checked"]),
         "total": {"checked": sum(m["checked"] for m in measured), "killed_or_timeout": killed,

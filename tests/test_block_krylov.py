@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from harness import InfluenceEmbedder, InputError
 from harness.fastpaths import FastInfluenceEmbedder, LinearHeadLoss, LinearizedHessianLoss, fixed_batches
 from harness.hessian import FunctionalLoss, automatic_block_size, full_precision, select_parameters
-from harness.task import ClassificationTask
+from harness.task import ClassificationTask, Task
 
 from conftest import _digits, explicit_gradients, explicit_hessian, train_lbfgs
 
@@ -326,3 +326,65 @@ def test_table1_configuration_takes_the_gauss_newton_curvature(mlp64):
     assert set(asdict(config)) - set(_config_record(config)) == {"curvature"}
     with pytest.raises(InputError, match="curvature"):
         InfEmbedConfig(curvature="fisher")
+
+
+def test_automatic_block_size_boundaries_and_device_memory(monkeypatch):
+    """P / (2 D) - 1 = 2 is the smallest bound that allows blocks; on CUDA the device's own total
+    memory (not the host's) bounds the block."""
+    cpu = torch.device("cpu")
+    assert automatic_block_size(1, n_iterations=30, n_components=5, device=cpu) == 2
+    assert automatic_block_size(1, n_iterations=29, n_components=5, device=cpu) == 1
+
+    asked = []
+
+    def properties(device):
+        asked.append(device)
+        return type("Properties", (), {"total_memory": total_memory})()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    cuda = torch.device("cuda", 1)
+    total_memory = 4 * 3 * 1000  # a quarter holds 3 directions of 1000 bytes
+    assert automatic_block_size(1000, n_iterations=5000, n_components=100, device=cuda) == 3
+    assert asked == [cuda]
+    total_memory = 4 * 3  # 3 directions of 1 byte; a 0-byte estimate counts as 1 byte
+    assert automatic_block_size(1, n_iterations=5000, n_components=100, device=cuda) == 3
+    assert automatic_block_size(0, n_iterations=5000, n_components=100, device=cuda) == 3
+    assert automatic_block_size(1000, n_iterations=5000, n_components=100, device=cpu) == 8
+
+
+def test_top_eigenpairs_rtol_cut_refusal_and_residuals():
+    from harness.hessian import top_eigenpairs
+
+    restriction = np.diag([4.0, 1.0, 0.5])
+    assert top_eigenpairs(restriction, 3, rtol=0.25)[0].tolist() == [4.0]  # 1 = 0.25 x 4 is not kept
+    assert top_eigenpairs(restriction, 3, rtol=0.2)[0].tolist() == [4.0, 1.0]
+    with pytest.raises(InputError, match=r"^the Hessian has no positive curvature in the Krylov space \(largest "
+                                         r"eigenvalue -1\); influence embeddings are undefined\. Is the model trained\?$"):
+        top_eigenpairs(np.array([[-1.0]]), 1, rtol=1e-6)
+    # eigenvectors e_j: residual j = |row below R at j| + |deflated remainder j|
+    hessenberg = np.vstack([np.diag([3.0, 2.0, 1.0]), [[0.1, 0.0, -0.2]]])
+    deflated = np.array([0.05, 0.0, -0.3])
+    np.testing.assert_allclose(top_eigenpairs(hessenberg, 3, 1e-6)[2], [0.1, 0.0, 0.2], atol=1e-15)
+    np.testing.assert_allclose(top_eigenpairs(hessenberg, 3, 1e-6, deflated)[2], [0.15, 0.0, 0.5], atol=1e-15)
+
+
+def test_iterate_batches_validates_the_first_batch_moves_and_refuses_empty(mlp64):
+    from harness.hessian import iterate_batches
+
+    class Recording(ClassificationTask):
+        def validate(self, model, batch):
+            seen.append(int(batch[1][0]))
+
+    task = Recording()
+    loss = FunctionalLoss(mlp64.model, task, select_parameters(mlp64.model, None))
+    x, y = mlp64.test
+    batches = [(x[i : i + 2], torch.full((2,), i, dtype=torch.long)) for i in range(3)]
+    for validate, expected in ((False, [0]), (True, [0, 1, 2])):
+        seen = []
+        got = list(iterate_batches(batches, task, loss, torch.device("cpu"), validate=validate, what="fit"))
+        assert [i for i, _ in got] == [0, 1, 2] and seen == expected
+    moved = list(iterate_batches(batches[:1], Task(), loss, torch.device("meta"), validate=False, what="fit"))
+    assert moved[0][1][0].device.type == "meta"
+    with pytest.raises(InputError, match="^empty loader: the fit loader yielded no batch$"):
+        list(iterate_batches([], task, loss, torch.device("cpu"), validate=False, what="fit"))
+    assert list(iterate_batches([], task, loss, torch.device("cpu"), validate=False, what="fit", allow_empty=True)) == []

@@ -143,3 +143,72 @@ def test_paired_comparison_counts_and_decides():
     assert (result["wins"], result["ties"], result["losses"]) == (18, 1, 1)
     assert result["decided"] and result["low"] > 0 and abs(result["difference"] - (a - b).mean()) < 1e-12
     assert not paired_comparison(a, a, clusters)["decided"]
+
+
+def _naive_cluster_bootstrap(values, clusters, n_boot, confidence, seed):
+    """The two-stage bootstrap one replicate at a time, on the random draws cluster_bootstrap
+    makes (cluster picks, then one uniform per problem slot): draw clusters with replacement,
+    then each drawn cluster's problems with replacement, and average all drawn problems."""
+    names, inverse = np.unique(clusters, return_inverse=True)
+    members = [values[inverse == c] for c in range(len(names))]
+    longest = max(len(m) for m in members)
+    rng = np.random.default_rng(seed)
+    picked = rng.integers(0, len(names), size=(n_boot, len(names)))
+    uniforms = rng.random((n_boot, len(names), longest))
+    means = []
+    for b in range(n_boot):
+        drawn = []
+        for s, c in enumerate(picked[b]):
+            size = len(members[c])
+            drawn += [members[c][int(u * size)] for u in uniforms[b, s, :size]]
+        means.append(np.mean(drawn))
+    alpha = (1 - confidence) / 2
+    return float(values.mean()), *np.quantile(means, [alpha, 1 - alpha])
+
+
+def test_cluster_bootstrap_equals_the_naive_two_stage_bootstrap():
+    """Clusters of unequal sizes (1 to 5 problems) with spread inside them."""
+    from harness.dcbench.metrics import cluster_bootstrap
+
+    rng = np.random.default_rng(1)
+    sizes = [1, 3, 5, 2, 4, 5]
+    clusters = np.repeat([f"slice{i}" for i in range(len(sizes))], sizes)
+    values = rng.normal(0, 1, len(clusters)) + np.repeat(rng.normal(0, 1, len(sizes)), sizes)
+    got = cluster_bootstrap(values, clusters, n_boot=300, confidence=0.9, seed=4)
+    np.testing.assert_allclose(got, _naive_cluster_bootstrap(values, clusters, 300, 0.9, 4), rtol=1e-12, atol=1e-12)
+    assert got[1] < got[0] < got[2]
+    # defaults: 2000 replicates, seed 0, a 95% interval
+    assert cluster_bootstrap(values, clusters) == cluster_bootstrap(values, clusters, n_boot=2000, confidence=0.95, seed=0)
+    np.testing.assert_allclose(cluster_bootstrap(values, clusters),
+                               _naive_cluster_bootstrap(values, clusters, 2000, 0.95, 0), rtol=1e-12, atol=1e-12)
+
+
+def test_cluster_bootstrap_edge_cases():
+    from harness.dcbench.metrics import cluster_bootstrap
+
+    assert np.isnan(cluster_bootstrap([np.nan, np.nan], ["a", "b"])).all()  # nothing left: NaN, not an error
+    mean, low, high = cluster_bootstrap([0.25], ["a"])  # one value: its mean, no interval
+    assert mean == 0.25 and np.isnan(low) and np.isnan(high)
+    # missing values given as None are NaN and dropped
+    assert cluster_bootstrap([0.25, None, 0.75], ["a", "b", "b"]) == cluster_bootstrap([0.25, 0.75], ["a", "b"])
+    for confidence in (0, 1, 1.5, -0.1):
+        with pytest.raises(InputError, match=rf"^confidence must be in \(0, 1\); got {confidence}$"):
+            cluster_bootstrap([0.1, 0.2], ["a", "b"], confidence=confidence)
+
+
+def test_paired_comparison_is_the_bootstrap_of_the_differences():
+    from harness.dcbench.metrics import cluster_bootstrap, paired_comparison
+
+    rng = np.random.default_rng(2)
+    clusters = np.repeat(np.arange(6), 3)
+    a, b = rng.random(18), rng.random(18)
+    result = paired_comparison(a, b, clusters, n_boot=500, seed=3)
+    mean, low, high = cluster_bootstrap(a - b, clusters, n_boot=500, seed=3)
+    assert (result["difference"], result["low"], result["high"]) == (mean, low, high)
+    assert paired_comparison(a, b, clusters) == paired_comparison(a, b, clusters, n_boot=2000, seed=0)
+    assert paired_comparison(a, b, clusters)["high"] == cluster_bootstrap(a - b, clusters)[2]
+    # a missing result (None) on either side drops that problem
+    with_missing = paired_comparison([None, *a[1:]], [b[0], None, *b[2:]], clusters, n_boot=500, seed=3)
+    assert with_missing == paired_comparison(a[2:], b[2:], clusters[2:], n_boot=500, seed=3)
+    with pytest.raises(InputError, match=r"^a and b must have one shape; got \(3,\) and \(2,\)$"):
+        paired_comparison([0.1, 0.2, 0.3], [0.1, 0.2], [0, 1, 2])

@@ -10,7 +10,8 @@ import torch
 
 from harness import InfluenceEmbedder
 from harness.hessian import FunctionalLoss, select_parameters
-from harness.task import ClassificationTask
+from harness.errors import InputError
+from harness.task import ClassificationTask, Task
 
 from conftest import explicit_gradients, explicit_hessian
 
@@ -160,3 +161,62 @@ def test_batching_does_not_change_the_result(mlp64):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+class _DictTask(Task):
+    """A classifier whose batches are dicts ({"x": inputs, "y": targets})."""
+
+    def logits(self, model, batch):
+        return model(batch["x"])
+
+    def targets(self, batch):
+        return batch["y"]
+
+
+def test_per_example_gradients_of_dict_batches_and_in_chunks(mlp64):
+    selection = select_parameters(mlp64.model, None)
+    x, y = mlp64.test
+    naive = explicit_gradients(mlp64.model, x[:9], y[:9], list(selection.names))
+    for chunk_size in (None, 4):
+        loss = FunctionalLoss(mlp64.model, _DictTask(), selection, chunk_size=chunk_size)
+        fast = loss.per_example_grads(loss.params(), {"x": x[:9], "y": y[:9]})
+        torch.testing.assert_close(fast, naive, rtol=1e-10, atol=1e-12)
+
+
+def test_directional_derivatives_are_gradients_times_the_projection(mlp64):
+    """(B, D) with B != D: forward-mode derivatives along each column of a (|theta|, D) projection."""
+    selection = select_parameters(mlp64.model, None)
+    loss = FunctionalLoss(mlp64.model, ClassificationTask(), selection)
+    x, y = mlp64.test
+    gradients = explicit_gradients(mlp64.model, x[:7], y[:7], list(selection.names))
+    projection = torch.randn(selection.numel, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for chunk_size in (None, 2):
+        derivatives = loss.directional_derivatives(loss.params(), (x[:7], y[:7]), projection, chunk_size=chunk_size)
+        assert derivatives.shape == (7, 3)
+        torch.testing.assert_close(derivatives, gradients @ projection, rtol=1e-10, atol=1e-12)
+
+
+def test_saved_bytes_count_every_tensor_autograd_keeps(logreg64):
+    """A float64 linear model keeps at least its input (for the weight gradient); every saved
+    tensor is float64 or int64, and the count grows linearly with the batch."""
+    selection = select_parameters(logreg64.model, None)
+    loss = FunctionalLoss(logreg64.model, ClassificationTask(), selection)
+    x, y = logreg64.train
+    saved = [loss.saved_bytes(loss.params(), (x[:b], y[:b])) for b in (10, 20, 30)]
+    assert all(s % 8 == 0 for s in saved)
+    assert saved[0] >= x[:10].numel() * 8
+    assert saved[2] - saved[1] == saved[1] - saved[0] > 0
+
+
+def test_ggn_of_a_task_with_its_own_loss_is_refused(mlp64):
+    class OwnLoss(ClassificationTask):
+        def loss(self, model, batch):
+            return super().loss(model, batch) ** 2
+
+    selection = select_parameters(mlp64.model, None)
+    loss = FunctionalLoss(mlp64.model, OwnLoss(), selection)
+    x, y = mlp64.test
+    with pytest.raises(InputError, match=r'^curvature="ggn" needs a task whose loss is cross-entropy of its logits; '
+                                         r'OwnLoss overrides Task\.loss, so the split into logits and loss is unknown '
+                                         r'\(use curvature="hessian"\)$'):
+        loss.ggn_block(loss.params(), (x[:4], y[:4]), torch.zeros(2, selection.numel, dtype=torch.float64))

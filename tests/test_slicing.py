@@ -460,3 +460,54 @@ def test_bad_inputs_name_the_problem(call, message):
     emb = np.random.default_rng(0).random((20, 4))
     with pytest.raises(InputError, match="^" + message):  # anchored: the message starts with the problem
         call(emb)
+
+
+# --- summarize_slices' and as_slice_list's argument checks, anchored (written against mutants) -------
+_E6 = np.arange(12, dtype=float).reshape(6, 2) ** 1.5
+_L6 = np.array([0, 1, 0, 1, 0, 1])
+
+
+@pytest.mark.parametrize(
+    "slices, message",
+    [
+        (np.array([0.0, 0.5, 1.0, 0.0, 1.0, 0.0]), r"^slice ids must be integers \(one per example\); got dtype float64$"),
+        (5, "^slices must be slice ids or a list of index arrays; got int$"),
+        ({0, 1}, "^slices must be slice ids or a list of index arrays; got set$"),
+        ("012", "^slices must be slice ids or a list of index arrays; got str$"),
+    ],
+)
+def test_slices_that_are_neither_ids_nor_index_lists(slices, message):
+    with pytest.raises(InputError, match=message):
+        slicing.as_slice_list(slices, 6)
+    with pytest.raises(InputError, match=message):
+        summarize_slices(slices, _E6, _L6, _L6)
+
+
+def test_n_nearest_is_checked_and_one_is_allowed():
+    with pytest.raises(InputError, match="^n_nearest must be >= 1; got 0$"):
+        summarize_slices(np.zeros(6, dtype=int), _E6, _L6, _L6, n_nearest=0)
+    frame = summarize_slices(np.zeros(6, dtype=int), _E6, _L6, _L6, n_nearest=1)
+    assert len(frame.loc[0, "nearest"]) == 1
+
+
+@pytest.mark.parametrize(
+    "labels, predictions, class_names, message",
+    [
+        (_L6.astype(float), _L6, ["a", "b"],
+         "^with class_names, labels must be non-negative integer class indices; got dtype float64$"),
+        (_L6, _L6.astype(float), ["a", "b"],
+         "^with class_names, predictions must be non-negative integer class indices; got dtype float64$"),
+        (_L6, _L6, {"a", "b"}, "^class_names must be a sequence of names; got set$"),
+        (_L6, np.array([0, 1, 2, 1, 0, 1]), ["a", "b"], "^class_names has 2 names but labels/predictions reach class 2$"),
+    ],
+)
+def test_class_names_must_cover_integer_classes(labels, predictions, class_names, message):
+    with pytest.raises(InputError, match=message):
+        summarize_slices(np.zeros(6, dtype=int), _E6, labels, predictions, class_names=class_names)
+    # the same labels and predictions are fine without class_names
+    assert len(summarize_slices(np.zeros(6, dtype=int), _E6, labels, predictions)) == 1
+
+
+def test_non_numeric_embeddings_are_named():
+    with pytest.raises(InputError, match="^embeddings must hold real numbers; got dtype <U1$"):
+        kmeans_slices(np.array([["a", "b"], ["c", "d"]]), 2)
