@@ -74,7 +74,9 @@ class FactorConfig:
     arnoldi_dim: int = field(default=500, metadata={"help": "P: Arnoldi iterations (HVP passes over the fit data)."})
     embedding_dim: int = field(default=100, metadata={"help": "D: top eigenpairs kept; embedding width."})
     seed: int = field(default=0, metadata={"help": "Seed of the Arnoldi start vector."})
-    hessian_reduction: str = field(default="mean", metadata={"help": "'mean' or 'sum' of per-example Hessians."})
+    hessian_reduction: str = field(
+        default="mean", metadata={"help": "'mean' or 'sum' of per-example Hessians.", "choices": ("mean", "sum")}
+    )
     eigenvalue_rtol: float = field(
         default=1e-5,
         metadata={"help": "Eigenvalues <= rtol * largest are dropped (no curvature, no inverse)."},
@@ -85,7 +87,10 @@ class FactorConfig:
     damping: float = field(default=0.0, metadata={"help": "Added to every kept eigenvalue (H + damping I)."})
     curvature: str = field(
         default="hessian",
-        metadata={"help": "'hessian' (the paper) or 'ggn' (Gauss-Newton: positive semi-definite, ~3x cheaper)."},
+        metadata={
+            "help": "'hessian' (the paper) or 'ggn' (Gauss-Newton: positive semi-definite, ~3x cheaper).",
+            "choices": CURVATURES,
+        },
     )
     block_size: int | str = field(
         default="auto",
