@@ -326,6 +326,7 @@ def run_signal(signal: str, seed: int, data: ImageData, config: BoneAgeConfig, p
     result = {
         "signal": signal,
         "seed": seed,
+        "writes_results": embedded.writes_results,
         "pipeline_seconds": seconds,  # training, features, factors and embeddings (~0 when cached)
         "test_accuracy": round(test_pred.accuracy, 4),
         "test_accuracy_injected_class": round(float(test_pred.correct[~others].mean()), 4) if (~others).any() else None,
@@ -509,7 +510,8 @@ def run(config: BoneAgeConfig, out: str | None = None, rsna: dict | None = None,
     data = rsna_data(config, **rsna, progress=progress) if rsna else stand_in_data(config, data_root, progress)
     results = [run_signal(signal, seed, data, config, progress)
                for seed in tqdm(seeds, desc="seeds", disable=not progress) for signal in signals]
-
+    if not all([r.pop("writes_results") for r in results]):  # another rank of a torchrun job writes them
+        return {}
     out_dir = results_dir(EXPERIMENT, out)
     frames = [r.pop("frame") for r in results]
     frames = [f for f in frames if f is not None]
@@ -567,11 +569,12 @@ def main(argv: list[str] | None = None) -> dict:
     if any(given) and not all(given):
         raise InputError("pass all four --boneage-train-csv/--boneage-train-images/--boneage-test-csv/--boneage-test-images")
     summary = run(config, args.out, rsna_args if all(given) else None, args.data_root, progress=not args.quiet)
-    print(summary["note"])
-    print(json.dumps({signal: {q: v.get("mean") for q, v in numbers.items()
-                               if q in ("test_accuracy", "slice_injected_class_share", "opponents_injected_class_share",
-                                        "proponents_injected_class_share")}
-                      for signal, numbers in summary["across_seeds"].items()}, indent=1))
+    if summary:
+        print(summary["note"])
+        print(json.dumps({signal: {q: v.get("mean") for q, v in numbers.items()
+                                   if q in ("test_accuracy", "slice_injected_class_share",
+                                            "opponents_injected_class_share", "proponents_injected_class_share")}
+                          for signal, numbers in summary["across_seeds"].items()}, indent=1))
     return summary
 
 
