@@ -12,7 +12,8 @@ from torchvision.models import resnet18
 
 from harness import InfluenceEmbedder, InputError
 from harness.fastpaths import LayerwiseProjection
-from harness.hessian import FunctionalLoss, eval_mode, select_parameters
+from harness.batching import eval_mode
+from harness.hessian import FunctionalLoss, select_parameters
 from harness.task import ClassificationTask
 
 
