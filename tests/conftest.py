@@ -11,6 +11,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: these checks run many tiny kernels, which extra threads only slow down on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _digits(n_components: int, n_classes: int, dtype: torch.dtype):
     x, y = load_digits(return_X_y=True)
     keep = y < n_classes

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from sklearn.datasets import load_digits
 
 from harness.dcbench.protocol import KINDS, LabeledData, coarse_sets, disjoint_merges, merge_classes, median_split
@@ -13,14 +12,6 @@ from harness.errors import InputError
 from harness.models.small import image_trunk, series_trunk
 from harness.paths import has_dataset
 from harness.train import TrainConfig
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _digits_pools():

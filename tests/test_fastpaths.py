@@ -23,13 +23,7 @@ from harness.hessian import FunctionalLoss, select_parameters
 from harness.task import ClassificationTask, HuggingFaceClassificationTask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These checks run many tiny kernels, which extra threads only slow down on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _autograd_loss(head: nn.Module) -> FunctionalLoss:

@@ -13,12 +13,7 @@ from torchvision.models import resnet18
 from harness import InfluenceEmbedder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _both(model, layers, loader, **options):

@@ -17,12 +17,7 @@ from harness.hessian import FunctionalLoss, select_parameters
 from harness.task import ClassificationTask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tokens(nn.Module):
