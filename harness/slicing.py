@@ -230,8 +230,10 @@ def as_slice_list(slices: np.ndarray | Sequence[np.ndarray], n_examples: int) ->
 
 
 def _check_class_indices(values: np.ndarray, name: str) -> np.ndarray:
-    if not np.issubdtype(values.dtype, np.integer) or (values.size and values.min() < 0):
+    if not np.issubdtype(values.dtype, np.integer):
         raise InputError(f"with class_names, {name} must be non-negative integer class indices; got dtype {values.dtype}")
+    if values.size and values.min() < 0:
+        raise InputError(f"with class_names, {name} must be non-negative integer class indices; got {values.min()}")
     return values
 
 

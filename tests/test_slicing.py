@@ -497,6 +497,7 @@ def test_n_nearest_is_checked_and_one_is_allowed():
          "^with class_names, labels must be non-negative integer class indices; got dtype float64$"),
         (_L6, _L6.astype(float), ["a", "b"],
          "^with class_names, predictions must be non-negative integer class indices; got dtype float64$"),
+        (_L6 - 1, _L6, ["a", "b"], "^with class_names, labels must be non-negative integer class indices; got -1$"),
         (_L6, _L6, {"a", "b"}, "^class_names must be a sequence of names; got set$"),
         (_L6, np.array([0, 1, 2, 1, 0, 1]), ["a", "b"], "^class_names has 2 names but labels/predictions reach class 2$"),
     ],
