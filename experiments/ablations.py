@@ -29,6 +29,7 @@ from harness.dcbench.methods import TABLE1_INFEMBED, InfEmbedConfig
 from harness.dcbench.protocol import KINDS
 from harness.dcbench.runner import NOT_RUN, run_problems
 from harness.dcbench.suites import shipped_suites
+from harness.errors import exit_status
 from harness.io import atomic_write_text
 
 BASE = TABLE1_INFEMBED
@@ -141,4 +142,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("python -m experiments.ablations", main))

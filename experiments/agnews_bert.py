@@ -30,6 +30,7 @@ the clusters and the text tables.
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -41,7 +42,7 @@ from harness import FactorConfig
 from harness.cache import content_key
 from harness.data.agnews import load_agnews
 from harness.data.splits import stratified_split
-from harness.errors import InputError
+from harness.errors import InputError, exit_status
 from harness.models.text import PAPER_AGNEWS_MODEL, TokenizedTexts, load_sequence_classifier, minilm_path, \
     split_bert_classifier
 from harness.options import option
@@ -204,4 +205,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status("python -m experiments.agnews_bert", main))

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ from harness.cache import content_key
 from harness.data.boneage import AGE_GROUPS, MID_PUBERTY, load_boneage
 from harness.data.spurious import INJECTIONS, figure_injections, inject_class
 from harness.data.tiny_imagenet import tiny_imagenet
-from harness.errors import InputError
+from harness.errors import InputError, exit_status
 from harness.io import atomic_write_text
 from harness.models import compute_features
 from harness.models.small import SmallCNN, split_small_cnn
@@ -579,4 +580,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status("python -m experiments.boneage_spurious", main))

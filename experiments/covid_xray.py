@@ -34,6 +34,7 @@ the accuracy and outcome counts per cluster, and each cluster's label/prediction
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 from harness import FactorConfig
 from harness.cache import content_key
 from harness.data.covid import load_covid19, patient_split, require_torchxrayvision
-from harness.errors import InputError
+from harness.errors import InputError, exit_status
 from harness.io import atomic_write_text
 from harness.models.densenet import DenseNetHead, DenseNetTrunk, split_densenet, xray_densenet  # noqa: F401 (the split is tested from here)
 from harness.options import option
@@ -235,4 +236,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status("python -m experiments.covid_xray", main))

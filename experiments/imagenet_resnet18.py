@@ -28,6 +28,7 @@ the accuracy scaling of A and the figures.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -40,7 +41,7 @@ from harness import FactorConfig
 from harness.cache import content_key
 from harness.data.splits import per_class_subset
 from harness.data.tiny_imagenet import ImageFolderSet, image_folder, tiny_imagenet
-from harness.errors import InputError
+from harness.errors import InputError, exit_status
 from harness.models.vision import imagenet_resnet, resnet, split_resnet
 from harness.options import option
 from harness.report.figures import plot_slice_distributions, plot_slice_examples
@@ -251,4 +252,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status("python -m experiments.imagenet_resnet18", main))

@@ -23,7 +23,7 @@ import sys
 
 import pandas as pd
 
-from harness.errors import InputError
+from harness.errors import InputError, exit_status
 from harness.io import atomic_write_text
 from harness.paths import REPO_ROOT
 
@@ -69,4 +69,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("python -m experiments.kernel_spread", main))

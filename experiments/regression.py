@@ -53,7 +53,7 @@ from harness.dcbench.runner import (
     suite_raw_embeddings,
 )
 from harness.dcbench.suites import SUITES, Suite, shipped_suites
-from harness.errors import InputError
+from harness.errors import InputError, exit_status
 from harness.io import atomic_torch_save, atomic_write_text
 from harness.paths import REPO_ROOT, has_dataset
 
@@ -346,4 +346,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("python -m experiments.regression", main))

@@ -38,7 +38,7 @@ from harness.dcbench.metrics import cluster_bootstrap, paired_comparison
 from harness.dcbench.protocol import KINDS, ProblemSpec
 from harness.dcbench.runner import NOT_RUN, run_problems
 from harness.dcbench.suites import INPUT_TYPES, SUITES, Suite, shipped_suites
-from harness.errors import InputError
+from harness.errors import InputError, exit_status
 from harness.io import atomic_write_text
 from harness.paths import REPO_ROOT
 
@@ -316,4 +316,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("python -m experiments.table1", main))

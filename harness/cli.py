@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from harness import distributed
 from harness.cache import content_key, stage_key, weights_key
 from harness.embed import FACTORS_FORMAT, FactorConfig, InfluenceEmbedder
-from harness.errors import InputError
+from harness.errors import InputError, exit_status
 from harness.io import (
     atomic_path,
     atomic_savez,
@@ -74,7 +74,6 @@ from harness.train import predict
 from harness.validation import check_device, check_float, check_indices, check_int, check_numeric_array, check_seed
 
 PROG = "infembed"
-DEBUG_ENV = "INFEMBED_DEBUG"
 EMBEDDINGS_FORMAT = "harness.embeddings/1"
 REQUIRED_EMBEDDING_KEYS = ("test_embeddings", "test_labels", "test_predictions")
 
@@ -681,32 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     written atomically, so a failure or an interrupt leaves nothing half-written."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    prefix = f"{PROG} {args.command}"
-    try:
-        return args.run(args)
-    except InputError as exc:
-        if debug:
-            raise
-        print(f"{prefix}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print(f"{prefix}: interrupted; nothing was half-written, and a rerun reuses what was cached", file=sys.stderr)
-        return 130
-    except OSError as exc:  # the environment: disk full, permissions, a vanished file
-        if debug:
-            raise
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"{prefix}: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a bug of ours: say so in one line, and how to see the traceback
-        if debug:
-            raise
-        print(f"{prefix}: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              f"(please report it; {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
-        return 1
+    return exit_status(f"{PROG} {args.command}", lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,48 @@
-"""Errors raised for bad input. ``InputError`` is a ``ValueError`` so callers can catch either."""
+"""Errors raised for bad input, and how a command turns failures into an exit status.
+
+``InputError`` is a ``ValueError`` so callers can catch either."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+DEBUG_ENV = "INFEMBED_DEBUG"
 
 
 class InputError(ValueError):
     """A bad argument, batch, loader or numerical state; the message names the problem."""
+
+
+def exit_status(prefix: str, run: Callable[[], Any]) -> int:
+    """Runs ``run()`` for a command and returns its exit status: 0 done (or ``run``'s own int);
+    2 a bad input or an anticipated failure (one line ``PREFIX: error: ...`` on stderr); 130
+    interrupted (Ctrl-C); 1 an internal error (one line; ``INFEMBED_DEBUG=1`` re-raises, which
+    shows the traceback). Files are written atomically, so a failure leaves nothing half-written."""
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        result = run()
+    except InputError as exc:
+        if debug:
+            raise
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prefix}: interrupted; nothing was half-written, and a rerun reuses what was cached", file=sys.stderr)
+        return 130
+    except OSError as exc:  # the environment: disk full, permissions, a vanished file
+        if debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{prefix}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug of ours: say so in one line, and how to see the traceback
+        if debug:
+            raise
+        print(f"{prefix}: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"(please report it; {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0

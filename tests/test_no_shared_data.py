@@ -1,11 +1,14 @@
 """A fresh clone has no data folder: the main job still runs to the end on PyPI-shipped data,
-says which cells it could not run and why, and labels its Table 1 as a fallback."""
+says which cells it could not run and why, and labels its Table 1 as a fallback; a case study
+without its dataset says which one and how to fetch it, in one line with exit status 2."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 from harness.paths import REPO_ROOT
 
@@ -38,3 +41,20 @@ def test_table1_runs_with_an_empty_data_folder(tmp_path):
     assert (out / "table1.csv").is_file() and (out / "table1_problems.csv").is_file()
     # The committed results are untouched.
     assert {p.name: p.read_bytes() for p in (REPO_ROOT / "results").glob("table1*")} == committed
+
+
+@pytest.mark.parametrize("study, dataset", [("agnews_bert", "agnews"), ("covid_xray", "covid-chestxray"),
+                                            ("imagenet_resnet18", "tiny-imagenet-subset"),
+                                            ("boneage_spurious", "tiny-imagenet-subset")])
+def test_a_case_study_without_its_data_says_so_in_one_line_and_exits_2(tmp_path, study, dataset):
+    env = {**os.environ, "INFEMBED_DATA": str(tmp_path), "INFEMBED_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env.pop("INFEMBED_DOWNLOAD", None)
+    env.pop("INFEMBED_DEBUG", None)
+    result = subprocess.run([sys.executable, "-m", f"experiments.{study}", "--quiet", "--out", str(tmp_path / "out")],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        f"python -m experiments.{study}: error: dataset {dataset!r} not found at {tmp_path / dataset}. Fetch it with "
+        f"`make data` (or `python -m harness.data.download {dataset}`, or INFEMBED_DOWNLOAD=1 to fetch on first use), "
+        "or set INFEMBED_DATA to the folder holding it (README.md, section Data)."]
+    assert not (tmp_path / "out").exists()
