@@ -56,7 +56,6 @@ from matplotlib.figure import Figure
 from PIL import Image
 from scipy import stats
 from torch import nn
-from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from harness import FactorConfig, slice_opponents, slice_proponents
@@ -65,12 +64,14 @@ from harness.data.boneage import AGE_GROUPS, MID_PUBERTY, load_boneage
 from harness.data.spurious import INJECTIONS, figure_injections, inject_class
 from harness.data.tiny_imagenet import tiny_imagenet
 from harness.errors import InputError, exit_status
+from harness.hessian import FunctionalLoss, select_parameters
 from harness.io import atomic_write_text
 from harness.models import compute_features
 from harness.models.small import SmallCNN, split_small_cnn
 from harness.models.vision import GreyResNet, split_grey_resnet
 from harness.options import option
 from harness.report.figures import draw_distributions
+from harness.task import ClassificationTask
 from harness.train import TrainConfig, predict
 from experiments.pipeline import Part, Source, Study, Training, embed, feature_loader, results_dir, study_config, \
     study_parser, write_results
@@ -242,22 +243,16 @@ def _share(mask: np.ndarray) -> dict:
 
 def per_example_head_gradients(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
                                batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(cross-entropy loss, L2 norm of its gradient over the head's parameters) per example."""
-    params = {k: v.detach() for k, v in head.named_parameters()}
-
-    def loss_of(p, x, y):
-        logits = functional_call(head, p, (x.unsqueeze(0),))
-        return nn.functional.cross_entropy(logits, y.unsqueeze(0))
-
+    """(cross-entropy loss, L2 norm of its gradient over the head's parameters) per example,
+    from the core's functional loss (the per-example gradients the embedder projects)."""
+    loss = FunctionalLoss(head, ClassificationTask(), select_parameters(head, None))
+    params = loss.params()
     losses, norms = [], []
-    with torch.no_grad():
-        for start in range(0, len(targets), batch_size):
-            x, y = features[start:start + batch_size], targets[start:start + batch_size]
-            losses.append(nn.functional.cross_entropy(head(x), y, reduction="none"))
     for start in range(0, len(targets), batch_size):
-        x, y = features[start:start + batch_size], targets[start:start + batch_size]
-        grads = vmap(grad(loss_of), in_dims=(None, 0, 0))(params, x, y)
-        norms.append(torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values())))
+        batch = (features[start:start + batch_size], targets[start:start + batch_size])
+        with torch.no_grad():
+            losses.append(loss.losses(params, batch))
+        norms.append(loss.per_example_grads(params, batch).norm(dim=1))
     return torch.cat(losses).numpy(), torch.cat(norms).numpy()
 
 
