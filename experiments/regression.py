@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.table1 import REPORT_FIRST_SEED
+from harness.cache import state_dict_key
 from harness.dcbench.methods import TABLE1_INFEMBED, InfEmbedConfig
 from harness.dcbench.protocol import KINDS, ProblemSpec, make_problem
 from harness.dcbench.runner import (
@@ -48,7 +49,6 @@ from harness.dcbench.runner import (
     method_scores,
     prepare_problem,
     pretrained_trunk,
-    state_hash,
     suite_features,
     suite_raw_embeddings,
 )
@@ -184,7 +184,7 @@ def fresh_runs(suite: Suite, progress: bool = False) -> list[ProblemRun]:
     is active)."""
     trunk = pretrained_trunk(suite.trunk, progress=progress)
     features, raw = suite_features(suite), suite_raw_embeddings(suite)
-    weights = state_hash(trunk.state_dict())
+    weights = state_dict_key(trunk.state_dict())
     return [prepare_problem(suite, spec, features, raw, trunk_weights=weights)
             for spec in tqdm(regression_specs(suite), desc=f"training {suite.name}", disable=not progress)]
 

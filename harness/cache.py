@@ -66,14 +66,22 @@ def content_key(*parts: Any) -> str:
     return digest.hexdigest()[:16]
 
 
+def _add_state(digest: Any, state: Mapping[str, torch.Tensor]) -> Any:
+    for name, tensor in state.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest
+
+
+def state_dict_key(state: Mapping[str, torch.Tensor]) -> str:
+    """A hash of every tensor of a state dict, by name and bytes (architecture not included)."""
+    return _add_state(hashlib.sha256(), state).hexdigest()[:16]
+
+
 def weights_key(module: nn.Module) -> str:
     """A hash of a module's architecture and every tensor of its state: stages computed
     from a model follow its weights."""
-    digest = hashlib.sha256(repr(module).encode())
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return _add_state(hashlib.sha256(repr(module).encode()), module.state_dict()).hexdigest()[:16]
 
 
 def environment() -> dict[str, str]:

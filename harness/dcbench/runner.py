@@ -14,7 +14,6 @@ finished problem, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from harness.baselines import ConfusionSlicer, DominoSlicer, KMeansSlicer
-from harness.cache import Cache, cached_training, config_key, content_key
+from harness.cache import Cache, cached_training, config_key, content_key, state_dict_key
 from harness.dcbench.methods import (
     N_SLICES,
     TABLE1_INFEMBED,
@@ -65,14 +64,6 @@ def _loader(inputs: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_see
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle_seed is not None, generator=generator)
 
 
-def state_hash(state: Mapping[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in state.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def pretrained_trunk(recipe: TrunkRecipe, state: Mapping[str, torch.Tensor] | None = None,
                      progress: bool = False) -> nn.Module:
     """The suite's trunk: pretrained on ``recipe.data`` (cached), or ``state`` loaded into it."""
@@ -102,7 +93,7 @@ def suite_features(suite: Suite, trunk_state: Mapping[str, torch.Tensor] | None 
     """{dataset name: (N, F) trunk features} of every report and dev dataset (cached by
     the trunk's weights and the examples)."""
     trunk = pretrained_trunk(suite.trunk, trunk_state, progress=progress)
-    weights = state_hash(trunk.state_dict())
+    weights = state_dict_key(trunk.state_dict())
     out, by_ids = {}, {}
     for data in suite.report + suite.dev:
         ids = content_key(np.ascontiguousarray(data.example_ids))
@@ -281,7 +272,7 @@ def run_problem(suite: Suite, spec: ProblemSpec, config: InfEmbedConfig = TABLE1
     if features is None or "trunk" in weights:
         features = suite_features(suite, weights.get("trunk"))
     raw = suite_raw_embeddings(suite) if raw is None else raw
-    trunk_weights = "given" if "trunk" in weights else state_hash(pretrained_trunk(suite.trunk).state_dict())
+    trunk_weights = "given" if "trunk" in weights else state_dict_key(pretrained_trunk(suite.trunk).state_dict())
     run = prepare_problem(suite, spec, features, raw, weights.get("head"), trunk_weights)
     scores, info = method_scores(run, config)
     return evaluate(run, scores, info)
@@ -291,7 +282,7 @@ def problem_weights(suite: Suite, spec: ProblemSpec) -> dict[str, dict[str, torc
     """The trunk and head state dicts a normal run of ``spec`` trains (for frozen fixtures)."""
     trunk = pretrained_trunk(suite.trunk)
     run = prepare_problem(suite, spec, suite_features(suite), suite_raw_embeddings(suite),
-                          trunk_weights=state_hash(trunk.state_dict()))
+                          trunk_weights=state_dict_key(trunk.state_dict()))
     return {"trunk": trunk.state_dict(), "head": run.head.state_dict()}
 
 
@@ -380,7 +371,7 @@ def run_problems(jobs: Sequence[tuple[Suite, ProblemSpec]], config: InfEmbedConf
         if name not in _WORKER_STATE or _WORKER_STATE[name]["suite"] is not suite:
             trunk = pretrained_trunk(suite.trunk, progress=progress)
             _WORKER_STATE[name] = {"suite": suite, "features": suite_features(suite),
-                                   "raw": suite_raw_embeddings(suite), "weights": state_hash(trunk.state_dict())}
+                                   "raw": suite_raw_embeddings(suite), "weights": state_dict_key(trunk.state_dict())}
     runs = cache_dir("dcbench", "runs")
     results: dict[int, list[dict]] = {}
     todo = []
