@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from harness import distributed
 from harness.cache import content_key, stage_key, weights_key
-from harness.embed import FACTORS_FORMAT, FactorConfig, InfluenceEmbedder
+from harness.embed import FACTORS_FORMAT, PROJECTIONS, FactorConfig, InfluenceEmbedder
 from harness.errors import InputError, exit_status
 from harness.io import (
     atomic_path,
@@ -330,6 +330,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     check_int(factor_config.embedding_dim, "--embedding-dim", 1)
     check_seed(factor_config.seed, "--seed")
     check_float(factor_config.damping, "--damping", 0.0)
+    if args.chunk_size is not None:
+        check_int(args.chunk_size, "--chunk-size", 1)
     device = check_device(args.device, "--device")
     out = check_output_path(args.out, "--out")
     factors_path = check_output_path(args.factors, "--factors") if args.factors else None
@@ -338,8 +340,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     # Under torchrun each rank factors and embeds its own contiguous shard (see harness.distributed).
     sharded = distributed.init_from_env()
     model = load_model(args.model_module, args.checkpoint).to(device)
+    transform_options = {"projection": args.projection, "chunk_size": args.chunk_size}
     embedder = InfluenceEmbedder(model, layers=args.layers, device=device, progress=not args.quiet,
-                                 **asdict(factor_config))
+                                 **transform_options, **asdict(factor_config))
     dtype = next(model.parameters()).dtype
     examples, splits, shards = {}, {}, {}
     for split, path in (("train", args.train), ("test", args.test)):
@@ -352,7 +355,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         shards[split] = DataLoader(distributed.shard(dataset), batch_size=batch_size) if sharded else splits[split]
     cached = None if (sharded or args.no_cache) else _factors_cache_path(model, examples["train"], embedder)
     if cached is not None and cached.is_file():
-        embedder = InfluenceEmbedder.load(cached, model, device=device, progress=not args.quiet)
+        embedder = InfluenceEmbedder.load(cached, model, device=device, progress=not args.quiet, **transform_options)
         print(f"reusing the factors fitted earlier on the same model and data ({cached})", file=sys.stderr)
     else:
         embedder.fit(shards["train"])
@@ -373,6 +376,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         "layers": args.layers,
         "factor_config": asdict(embedder.config),
         "n_components": embedder.n_components_,
+        "projection": embedder.projection_mode_,
         "n_parameters": embedder.selection.numel,
         "test_accuracy": float((arrays["test_labels"] == arrays["test_predictions"]).mean()),
     }
@@ -593,6 +597,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "parameter")
     add_config_options(embed.add_argument_group("factor options (harness.FactorConfig; the fit data is --train)"),
                        FactorConfig, metavars={"arnoldi_dim": "P", "embedding_dim": "D"})
+    transform = embed.add_argument_group("transform options (how the embeddings are computed; all exact, so the "
+                                         "numbers agree to round-off)")
+    transform.add_argument("--projection", default="auto", choices=PROJECTIONS,
+                           help="per-example gradients times the factors by: 'gradients' (vmap), 'forward' "
+                           "(forward-mode, one tangent per component), 'closed_form' (theta = a last nn.Linear "
+                           "producing the logits), 'layerwise' (layer inputs x output gradients); 'auto' picks the "
+                           "fastest that applies (default: %(default)s)")
+    transform.add_argument("--chunk-size", type=int, metavar="N",
+                           help="examples per vmap chunk of per-example gradients (bounds memory; default: the "
+                           "whole batch)")
     embed.add_argument("--batch-size", type=int, default=128, help="examples per batch (default: %(default)s)")
     embed.add_argument("--device", default="cpu",
                        help="torch device for gradients, HVPs and predictions, e.g. cpu or cuda (default: %(default)s)")

@@ -100,6 +100,33 @@ def test_embed_writes_what_the_library_computes(user_files, embeddings):
     np.testing.assert_array_equal(data["test_predictions"], expected)
 
 
+@pytest.mark.parametrize("projection", ["gradients", "forward"])
+def test_embed_projection_option_gives_the_same_embeddings(user_files, embeddings, tmp_path, projection):
+    """--projection forces one exact path: the embeddings equal the automatic path's (here the
+    closed form for a last linear layer) to float32 round-off, and the file names the path used."""
+    out = tmp_path / f"{projection}.npz"
+    code = main([
+        "embed", "--model-module", f"{user_files['model']}:build", "--checkpoint", str(user_files["checkpoint"]),
+        "--train", str(user_files["train"]), "--test", str(user_files["test"]), *EMBED_OPTIONS,
+        "--projection", projection, "--chunk-size", "64", "--out", str(out), "--quiet",
+    ])
+    assert code == 0
+    with np.load(out) as forced, np.load(embeddings) as automatic:
+        assert json.loads(str(forced["meta"]))["projection"] == projection
+        assert json.loads(str(automatic["meta"]))["projection"] == "closed_form"
+        for split in ("train", "test"):
+            expected = automatic[f"{split}_embeddings"]
+            np.testing.assert_allclose(forced[f"{split}_embeddings"], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_embed_refuses_a_chunk_size_below_one(user_files, tmp_path, capsys):
+    code, _, stderr = _run([
+        "embed", "--model-module", f"{user_files['model']}:build", "--train", str(user_files["train"]),
+        "--test", str(user_files["test"]), "--chunk-size", "0", "--out", str(tmp_path / "x.npz"),
+    ], capsys)
+    assert code == 2 and "--chunk-size" in stderr and not (tmp_path / "x.npz").exists()
+
+
 def test_kmeans_slices_opponents_and_report_end_to_end(user_files, embeddings, tmp_path, capsys):
     out = tmp_path / "mine"
     code, stdout, _ = _run([
