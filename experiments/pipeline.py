@@ -41,11 +41,12 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from harness import FactorConfig, InfluenceEmbedder, distributed
@@ -91,7 +92,9 @@ class Training:
     Either ``loader`` (input batches; trains the whole model; ``data_key`` identifies its
     examples, ``settings`` anything else that shapes training, e.g. the batch size), or
     ``on_features`` (trains only the head, on the trunk features of that part, in
-    shuffled batches of ``batch_size`` seeded by the training seed)."""
+    shuffled batches of ``batch_size`` seeded by the training seed). ``on_epoch`` is passed
+    to :func:`harness.train.train_model` when training runs (not on a cache hit) and is no
+    part of the key, e.g. to record a learning curve."""
 
     config: TrainConfig
     loader: Iterable | None = None
@@ -99,6 +102,7 @@ class Training:
     on_features: Part | None = None
     batch_size: int = 64
     settings: Mapping[str, Any] = field(default_factory=dict)
+    on_epoch: Callable[[int, nn.Module, float], None] | None = None
 
 
 @dataclass
@@ -218,7 +222,7 @@ def embed(study: Study, progress: bool = True) -> Embedded:
         if not training.data_key:
             raise InputError("Training.loader needs a data_key naming its examples (the cache key follows them)")
         model = cache.trained(split.model, lambda m: train_model(m, training.loader, training.config,
-                                                                 progress=progress),
+                                                                 progress=progress, on_epoch=training.on_epoch),
                               inputs={"data": training.data_key},
                               config={"train": asdict(training.config), **training.settings})
         weights = model.key
@@ -251,7 +255,8 @@ def embed(study: Study, progress: bool = True) -> Embedded:
     if training is not None and training.on_features is not None:
         x, y = part_tensors(training.on_features)
         loader = feature_loader(x, y, training.batch_size, shuffle=True, seed=training.config.seed)
-        cache.trained(split.head, lambda h: train_model(h, loader, training.config, progress=progress),
+        cache.trained(split.head, lambda h: train_model(h, loader, training.config, progress=progress,
+                                                       on_epoch=training.on_epoch),
                       inputs={"features": features[training.on_features.source],
                               "rows": training.on_features.key()},
                       config={"train": asdict(training.config), "batch_size": training.batch_size,

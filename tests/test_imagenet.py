@@ -91,7 +91,7 @@ def test_imagenet_experiment_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("INFEMBED_CACHE", str(tmp_path / "cache"))
     config = ImageNetConfig(train_per_class=2, val_per_class=1, epochs=1, batch_size=32, fit_per_class=1,
                             opponent_pool_per_class=1, arnoldi_dim=4, embedding_dim=3, chunk_size=8,
-                            max_accuracy=0.0, absolute_max_accuracy=True, min_size=2)
+                            max_accuracy=0.0, min_size=2)
     out = tmp_path / "results"
     summary = run(config, out=str(out), progress=False)
 
@@ -104,12 +104,23 @@ def test_imagenet_experiment_end_to_end(tmp_path, monkeypatch):
     assert len(flat) == len(set(flat.tolist())) == stored["metrics"]["slice_examples"]  # disjoint slices
     assert (frame["size"] >= config.min_size).all()
     assert (frame["accuracy"] <= config.max_accuracy).all()
-    pool_size = stored["config"]["opponent_pool_examples"]
-    assert pool_size == 30
+    assert stored["config"]["opponent_pool_examples"] == 30
     for opponents, files in zip(frame["opponents"], frame["opponent_files"]):
-        assert all(0 <= i < pool_size for i in json.loads(opponents))
+        # positions in the training images that have features (the fit and pool parts, at most all 60)
+        assert all(0 <= i < 60 for i in json.loads(opponents))
         assert all(not f.startswith("val_") for f in json.loads(files))  # opponents come from the training split
     for name in ("figure_slices.png", "figure_distributions.png"):
         assert (out / name).stat().st_size > 1000
     thumbnails = json.loads(frame["opponent_thumbnails"][0])
     assert all((out / t).is_file() for t in thumbnails)
+
+    # A = 0.4 as given unless scaled; the learning curve is recorded once and read back with the cached weights.
+    assert stored["config"]["effective_max_accuracy"] == config.max_accuracy
+    (epoch,) = stored["training"]["learning_curve"]
+    assert epoch["epoch"] == 1 and 0 <= epoch["val_accuracy"] <= 1 and epoch["train_loss"] > 0
+    assert stored["training"]["one_time_cost_s"] == epoch["elapsed_s"]
+    again = run(ImageNetConfig(**{**vars(config), "max_accuracy": 0.5, "scale_max_accuracy": True}),
+                out=str(tmp_path / "again"), progress=False)
+    assert again["training"]["learning_curve"] == stored["training"]["learning_curve"]
+    assert again["metrics"]["test_accuracy"] == summary["metrics"]["test_accuracy"]
+    assert again["config"]["effective_max_accuracy"] == round(0.5 * summary["metrics"]["test_accuracy"] / 0.698, 4)

@@ -103,8 +103,8 @@ def tiny_imagenet(split: str, per_class: int | None = None, seed: int = 0, augme
                   root: str | os.PathLike | None = None) -> ImageFolderSet:
     """The ``train`` (500 per class) or ``val`` (50 per class) split of the 30-class subset.
 
-    ``per_class`` keeps a seeded, class-balanced subset; ``augment`` adds random
-    horizontal flips (for training).
+    ``per_class`` keeps a seeded, class-balanced subset; ``augment`` adds, for training,
+    a random 64 px crop of the image padded by 8 px (reflected) and a random horizontal flip.
     """
     if split not in ("train", "val"):
         raise InputError(f"split must be 'train' or 'val'; got {split!r}")
@@ -117,8 +117,9 @@ def tiny_imagenet(split: str, per_class: int | None = None, seed: int = 0, augme
     if classes != wnids:
         raise InputError(f"the class folders of {folder} differ from wnids.txt")
     samples = balanced_subset(make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS), per_class, seed)
-    flip = transforms.RandomHorizontalFlip() if augment else None
-    return ImageFolderSet(samples, names, transforms.Compose([]), flip, source=str(folder))
+    augmentation = transforms.Compose([transforms.RandomCrop(64, padding=8, padding_mode="reflect"),
+                                       transforms.RandomHorizontalFlip()]) if augment else None
+    return ImageFolderSet(samples, names, transforms.Compose([]), augmentation, source=str(folder))
 
 
 def image_folder(path: str | os.PathLike, class_names: Sequence[str] | None = None, per_class: int | None = None,
