@@ -34,6 +34,17 @@ def batch_length(batch: Any) -> int:
     return batch_length(batch[0])
 
 
+def first_examples(batch: Any, n: int) -> Any:
+    """The batch's first ``n`` examples (every tensor leaf cut to its first ``n`` rows)."""
+    if torch.is_tensor(batch):
+        return batch[:n]
+    if isinstance(batch, dict):
+        return {k: first_examples(v, n) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(first_examples(v, n) for v in batch)
+    return batch
+
+
 def unsqueeze_leaves(example: Any) -> Any:
     """One example (a batch entry without its first dimension) as a batch of one."""
     if torch.is_tensor(example):

@@ -37,7 +37,7 @@ from torch.func import grad, linearize, vmap
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from harness.batching import batch_length, eval_mode, move_to
+from harness.batching import batch_length, eval_mode, first_examples, move_to
 from harness.embed import InfluenceEmbedder
 from harness.errors import InputError
 from harness.hessian import FunctionalLoss, select_parameters
@@ -403,7 +403,10 @@ class LayerwiseProjection:
     place later is detected and rejected. The first batch is checked: the per-example
     terms summed over the batch must give every selected parameter's batch gradient
     (autograd's, from the same backward) to a relative 1e-3, which fails when a selected
-    parameter is also used outside its layer (tied weights). (The projected sums are no
+    parameter is also used outside its layer (tied weights), and its first example embedded
+    alone must get the embedding it got in the batch to a relative 1e-3, which fails when
+    examples interact after a selected layer (a batch mean in the forward: the summed
+    gradient is then still right, each example's term is not). (The projected sums are no
     usable check in float32: on the bench's ResNet-18 layer4 + fc, autograd's batch
     gradient times the eigen-directions differs from them by ~0.3%; against float64
     embeddings the layer-wise ones are off by 3e-5 relative, forward mode's by 9e-7,
@@ -488,7 +491,22 @@ class LayerwiseProjection:
                 if difference > self.CHECK_RTOL * float(batch_gradient[start:stop].norm()) + floor:
                     return None
             self.checked = True
+            if n > 1 and not self._alone_as_in_batch(params, batch, projection, out):
+                self.checked = False
+                return None
         return out
+
+    def _alone_as_in_batch(self, params: dict[str, torch.Tensor], batch: Any, projection: torch.Tensor,
+                           embeddings: torch.Tensor) -> bool:
+        """Whether the first example, embedded alone, gets the embedding it got in the batch.
+        Examples that interact after a selected layer (a batch mean in the forward) pass the
+        summed-gradient check but not this one: the per-example gradients the other
+        projections compute are each example's loss on its own."""
+        alone = self.project(params, first_examples(batch, 1), projection)[0]
+        # relative to the example's embedding, plus a floor at the batch's scale for an example whose
+        # embedding is (almost) zero
+        floor = 1e-2 * self.CHECK_RTOL * float(embeddings.norm(dim=1).mean())
+        return float((alone - embeddings[0]).norm()) <= self.CHECK_RTOL * float(embeddings[0].norm()) + floor
 
     def _spans(self) -> list[tuple[str, int, int]]:
         spans, start = [], 0

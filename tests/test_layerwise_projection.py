@@ -137,6 +137,30 @@ def test_auto_falls_back_where_the_check_fails_and_explicit_layerwise_raises():
         auto.transform(loader)
 
 
+class BatchCentred(nn.Module):
+    """Examples interact after the first selected layer: its outputs are centred on the batch mean."""
+
+    def forward(self, h):
+        return h - h.mean(0)
+
+
+def test_examples_interacting_after_a_selected_layer_fall_back_to_per_example_gradients():
+    """The summed-gradient check cannot see a batch mean after a selected layer (the batch gradient
+    is still right); the first example embedded alone can, so auto falls back and agrees with vmap."""
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 5).double(), torch.randint(0, 3, (24,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=24)
+    model = nn.Sequential(nn.Linear(5, 6), BatchCentred(), nn.Tanh(), nn.Linear(6, 3)).double()
+    auto = InfluenceEmbedder(model, None, 12, 3, progress=False, block_size=1).fit(loader)
+    got = auto.transform(loader)
+    assert auto.projection_mode_ in ("forward", "gradients")
+    reference = torch.cat(list(auto.gradients(loader))) @ auto.projection_
+    np.testing.assert_allclose(got, reference.numpy(), rtol=1e-6, atol=1e-9)
+    auto.projection_mode = "layerwise"
+    with pytest.raises(InputError, match="examples interact"):
+        auto.transform(loader)
+
+
 def test_embedder_picks_layerwise_and_matches_gradients():
     torch.manual_seed(0)
     x, y = torch.randn(48, 5, 6).double(), torch.randint(0, 3, (48,))
