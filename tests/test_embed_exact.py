@@ -220,3 +220,21 @@ def test_ggn_of_a_task_with_its_own_loss_is_refused(mlp64):
                                          r'OwnLoss overrides Task\.loss, so the split into logits and loss is unknown '
                                          r'\(use curvature="hessian"\)$'):
         loss.ggn_block(loss.params(), (x[:4], y[:4]), torch.zeros(2, selection.numel, dtype=torch.float64))
+
+
+def test_batch_helpers_walk_nested_batches_by_hand():
+    from harness.batching import batch_length, move_to, unsqueeze_leaves
+
+    batch = {"ids": torch.arange(12).reshape(4, 3), "extra": (torch.ones(4), [torch.zeros(4, 2), "note", 7])}
+    moved = move_to(batch, torch.device("meta"))
+    assert list(moved) == ["ids", "extra"] and type(moved["extra"]) is tuple and type(moved["extra"][1]) is list
+    assert moved["ids"].device.type == "meta" and moved["ids"].shape == (4, 3) and moved["ids"].dtype == torch.int64
+    assert moved["extra"][0].device.type == "meta" and moved["extra"][1][0].device.type == "meta"
+    assert moved["extra"][1][1:] == ["note", 7]
+    assert move_to("note", torch.device("meta")) == "note"
+    # the first tensor leaf gives the length; later leaves need not be tensors
+    assert batch_length(batch) == 4 and batch_length((torch.zeros(5, 2), "caption")) == 5
+    assert batch_length([{"x": torch.zeros(3)}, torch.zeros(9)]) == 3
+    one = unsqueeze_leaves({"ids": torch.arange(3), "pair": (torch.ones(2), [torch.zeros(())])})
+    assert one["ids"].tolist() == [[0, 1, 2]] and type(one["pair"]) is tuple and type(one["pair"][1]) is list
+    assert one["pair"][0].shape == (1, 2) and one["pair"][1][0].shape == (1,)
