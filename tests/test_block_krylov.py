@@ -443,3 +443,74 @@ def test_arnoldi_stops_when_the_krylov_space_is_invariant():
     # a looser tolerance deflates earlier: remainders below breakdown_tol x the largest HVP norm
     early = _arnoldi_on(matrix, 8, breakdown_tol=0.9)
     assert early.breakdown and early.basis.shape[0] < 4
+
+
+def test_arnoldi_start_block_deflation_and_scale_invariance():
+    rng = np.random.default_rng(2)
+    q, _ = np.linalg.qr(rng.normal(size=(9, 9)))
+    matrix = (q * np.geomspace(1, 100, 9)) @ q.T
+    # the start block: Gram-Schmidt of the generator's first draws, one row after the other
+    g = torch.Generator().manual_seed(5)
+    draws = np.stack([torch.randn(9, generator=g, dtype=torch.float64).numpy() for _ in range(3)])
+    start = np.linalg.qr(draws.T)[0].T * np.sign(np.diag(np.linalg.qr(draws.T)[1]))[:, None]
+    blocked = _arnoldi_on(matrix, 9, block_size=3)
+    np.testing.assert_allclose(blocked.basis[:3].numpy(), start, atol=1e-12)
+    # single precision: the basis and HVPs stay float32
+    single = _arnoldi_on(matrix.astype(np.float32), 9, block_size=3, dtype=torch.float32)
+    assert single.basis.dtype == torch.float32 and single.basis.shape == (9, 9)
+    restriction = single.hessenberg[:9, :9]
+    np.testing.assert_allclose(np.linalg.eigvalsh((restriction + restriction.T) / 2), np.geomspace(1, 100, 9),
+                               rtol=1e-4)
+    # blocks drop only remainders at round-off level, whatever breakdown_tol says; plain Arnoldi obeys it
+    assert _arnoldi_on(matrix, 9, block_size=3, breakdown_tol=0.9).basis.shape == (9, 9)
+    plain = _arnoldi_on(matrix, 9, breakdown_tol=0.3)
+    assert plain.breakdown and plain.basis.shape[0] < 9
+    # the deflation test is relative to the largest HVP norm: a scaled matrix deflates alike
+    for factor in (1e-6, 1e6):
+        scaled = _arnoldi_on(matrix * factor, 9, breakdown_tol=0.3)
+        assert scaled.basis.shape == plain.basis.shape
+        np.testing.assert_allclose(scaled.basis.numpy(), plain.basis.numpy(), atol=1e-10)
+        np.testing.assert_allclose(scaled.hessenberg, plain.hessenberg * factor, rtol=1e-9, atol=1e-12 * factor)
+    # a zero curvature deflates at once even with breakdown_tol = 0 (the remainder is exactly 0)
+    zero = _arnoldi_on(np.zeros((9, 9)), 9, breakdown_tol=0.0)
+    assert zero.breakdown and zero.basis.shape == (1, 9) and zero.hessenberg.shape == (1, 1)
+    assert zero.hessenberg[0, 0] == 0 and zero.deflated.tolist() == [0.0]
+
+
+def test_arnoldi_counts_hvps_in_its_progress_bar_and_names_non_finite_passes(monkeypatch):
+    from harness import hessian
+
+    bars = []
+
+    class Bar:  # records what arnoldi asks of tqdm
+        def __init__(self, **kwargs):
+            self.kwargs, self.updates, self.closed = kwargs, [], False
+            bars.append(self)
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(hessian, "tqdm", Bar)
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.normal(size=(9, 9)))
+    matrix = (q * np.linspace(1, 9, 9)) @ q.T
+    for progress in (True, False):
+        result = _arnoldi_on(matrix, 8, block_size=3, progress=progress)  # P not a multiple of the block
+        assert result.basis.shape == (8, 9) and result.hessenberg.shape[1] == 8 and not result.breakdown
+        bar = bars.pop()
+        assert bar.kwargs == {"total": 8, "desc": "Arnoldi (HVPs)", "disable": not progress, "leave": False}
+        assert bar.updates == [3, 3, 2] and bar.closed
+
+    calls = []
+
+    def poisoned(block):  # the second pass (directions 3..5) returns NaN
+        calls.append(len(block))
+        out = block @ torch.from_numpy(matrix)
+        return out * float("nan") if len(calls) == 2 else out
+
+    with pytest.raises(InputError, match=r"^non-finite values in the Hessian-vector products of Arnoldi directions 3\.\.5:"):
+        hessian.arnoldi(poisoned, 9, 8, block_size=3, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                device=torch.device("cpu"), basis_device=torch.device("cpu"), breakdown_tol=1e-10, progress=False)

@@ -528,5 +528,6 @@ def test_opponents_per_slice_by_brute_force(capsys):
         assert scores == [round(influence[j], 6) for j in expected] and all(type(s) is float for s in scores)
     # k larger than the pool: all of it; the progress bar changes nothing
     (everything, _), = slicing.opponents_per_slice(pool, embeddings, [[1]], k=50, progress=True)
-    assert sorted(everything) == list(range(9)) and "slice opponents" in capsys.readouterr().err
+    err = capsys.readouterr().err  # a bar named "slice opponents" that does not stay behind (no newline)
+    assert sorted(everything) == list(range(9)) and "\rslice opponents:" in err and "\n" not in err
     assert slicing.opponents_per_slice(pool, embeddings, [], k=2) == []
