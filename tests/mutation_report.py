@@ -231,8 +231,12 @@ def report(args: argparse.Namespace) -> None:
     for module, names in statuses.items():
         open_ = [n for n, s in names.items() if s in ("survived", "no tests", "suspicious")]
         if modules[module].get("carried_from"):
-            lines += [f"## {module}", "", f"Not run in this state; results carried from {modules[module]['carried_from']}"
-                      " (same source).", ""]
+            origin = modules[module]["carried_from"]
+            lines += [f"## {module}", "", f"Not run in this mutants/ state: the counts in score.json are carried from the run "
+                      f"at commit {origin['commit']} (harness tree {origin['harness_tree']}), whose source of this module "
+                      "is byte-identical; its survivors are listed in that commit's survivors.md "
+                      f"({modules[module]['checked'] - modules[module]['killed_or_timeout'] - modules[module]['equivalent']}"
+                      " of them not triaged as equivalent).", ""]
             continue
         if not open_:
             continue
