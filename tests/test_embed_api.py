@@ -3,6 +3,8 @@ Captum agreement."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -526,3 +528,141 @@ def test_transform_and_gradients_streams_with_their_own_names(monkeypatch, tmp_p
                                          r"\[\('0\.weight', \[5, 4\]\), \('0\.bias', \[5\]\), \('2\.weight', \[3, 5\]\)\]\.\.\., "
                                          r"model \[\('0\.weight', \[6, 4\]\), \('0\.bias', \[6\]\), \('2\.weight', \[3, 6\]\)\]\.\.\.$"):
         InfluenceEmbedder.load(path, other)
+
+
+def test_fit_batches_are_merged_only_within_the_memory_budget(monkeypatch):
+    from harness import embed
+
+    torch.manual_seed(0)
+    model = _net()
+    batches = list(_data())  # 8 + 8 + 4 examples of 4 float32 inputs and an int64 target: 24 bytes each
+    kept = {}
+
+    def fitted(budget, loader=batches):
+        monkeypatch.setattr(embed, "memory_budget", lambda device: budget)
+        embedder = InfluenceEmbedder(model, arnoldi_dim=10, embedding_dim=2, block_size=1, frozen_prefix=False,
+                                     progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            embedder.fit(loader)
+        kept[budget] = embedder.eigenvalues_
+        return embedder.n_fit_batches_
+
+    assert fitted(24 * 20 - 1) is None  # the inputs do not fit: streamed
+    assert fitted(2**40, [(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))]) is None  # one batch
+    counts = [fitted(24 * 20 * 2**k) for k in range(3, 8)]
+    assert counts[-1] == 1 and 2 in counts and 3 in counts  # the budget caps a merged batch's examples
+    assert all(a >= b for a, b in zip(counts, counts[1:]))
+    for eigenvalues in kept.values():  # the same Hessian however the batches are held
+        torch.testing.assert_close(eigenvalues, kept[2**40], rtol=1e-4, atol=0)
+
+
+# ------------------------------------------------- fit's memory rules, by hand
+def _prepared(**options):
+    """An embedder of _net() with its loss made (what fit does first), its parameters and 10 batches of 2."""
+    torch.manual_seed(0)
+    embedder = InfluenceEmbedder(_net(), progress=False, **options)
+    embedder._loss = embedder._make_loss()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g)
+    return embedder, embedder._loss.params(), x, y
+
+
+def test_merged_fit_batches_follow_the_memory_budget(monkeypatch):
+    from harness import embed
+
+    embedder, params, x, y = _prepared()
+    loader = _loader(x, y, batch_size=2)
+    first = next(iter(loader))
+    input_bytes = 4 * 4 + 8  # one example: 4 float32 features and an int64 target
+
+    def merged(budget, n_examples=20):
+        monkeypatch.setattr(embed, "memory_budget", lambda device: budget)
+        held = embedder._merged_batches(params, loader, first, n_examples)
+        return None if held is None else [len(batch[1]) for batch in held]
+
+    # the inputs of all 20 examples must fit: exactly the budget is allowed, one byte less is not
+    assert merged(20 * input_bytes) == [2] * 10  # room for no more than one batch per merge
+    assert merged(20 * input_bytes - 1) is None
+    assert merged(10**12, n_examples=2) is None  # a single batch: nothing to merge
+    # a quarter of the budget holds each merged batch at 3x its saved bytes plus its inputs
+    per_example = 3 * embedder._loss.saved_bytes(params, first) / 2 + input_bytes
+    assert merged(int(4 * 8.5 * per_example)) == [8, 8, 4]  # room for 8 examples: 4 batches of 2 each
+    assert merged(int(4 * 6.5 * per_example)) == [6, 6, 6, 2]
+    assert merged(10**12) == [20]
+    # the merged batches are the loader's examples in order
+    monkeypatch.setattr(embed, "memory_budget", lambda device: int(4 * 8.5 * per_example))
+    held = embedder._merged_batches(params, loader, first, 20)
+    torch.testing.assert_close(torch.cat([b[0] for b in held]), x)
+    torch.testing.assert_close(torch.cat([b[1] for b in held]), y)
+
+
+def test_frozen_prefix_is_kept_only_when_its_outputs_fit_the_budget(monkeypatch):
+    from harness import embed
+
+    embedder, params, x, y = _prepared(layers=["2"])
+    loader = _loader(x[:4], y[:4], batch_size=1)
+    first = next(iter(loader))
+    # per batch of one: the outputs of Linear(4, 5) and ReLU (5 float32 each) and the inputs (4 float32 + int64)
+    held_bytes = 4 * (5 + 5) + (4 * 4 + 8)
+
+    def prefix(budget):
+        monkeypatch.setattr(embed, "memory_budget", lambda device: budget)
+        return embedder._frozen_prefix(params, loader, None, first, 4)
+
+    found = prefix(4 * held_bytes)
+    assert found.names == ["0", "1"] and found.bytes_per_batch() == held_bytes and len(found.batches) == 4
+    assert prefix(4 * held_bytes - 1) is None
+    embedder.config.frozen_prefix = False
+    assert prefix(10**12) is None
+
+
+def test_fit_replays_the_prefix_over_the_merged_batches():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g)
+    fitted = InfluenceEmbedder(_net(), layers=["2"], arnoldi_dim=6, embedding_dim=2, progress=False).fit(
+        _loader(x, y, batch_size=8))
+    assert fitted.frozen_prefix_ == ["0", "1"] and fitted.n_fit_batches_ == 1  # 8 + 8 + 4 merged, then replayed
+
+
+def test_automatic_block_size_without_a_first_batch_is_the_convergence_bound():
+    embedder, params, _, _ = _prepared(arnoldi_dim=40, embedding_dim=4, block_size="auto")
+    assert embedder._block_size(params, None) == 40 // (2 * 4) - 1  # an empty shard: memory unknown
+
+
+@pytest.mark.parametrize("float64_basis, basis_dtype", [(True, torch.float64), (False, torch.float32)])
+def test_float64_basis_is_the_basis_dtype(monkeypatch, float64_basis, basis_dtype):
+    from harness import embed
+
+    bases = []
+
+    def recording(*args, **kwargs):
+        result = arnoldi(*args, **kwargs)
+        bases.append(result.basis.dtype)
+        return result
+
+    arnoldi = embed.arnoldi
+    monkeypatch.setattr(embed, "arnoldi", recording)
+    torch.manual_seed(0)
+    fitted = InfluenceEmbedder(_net(), arnoldi_dim=6, embedding_dim=2, float64_basis=float64_basis,
+                               progress=False).fit(_data())
+    assert bases == [basis_dtype] and fitted.factors_.dtype == torch.float32
+
+
+def test_an_empty_shard_is_allowed_under_distributed_but_not_an_empty_world(monkeypatch):
+    from harness import distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda tensor: tensor)  # a world of empty shards
+    with pytest.raises(InputError, match=r"^empty loader: the fit loaders of all ranks yielded no batch$"):
+        InfluenceEmbedder(_net(), arnoldi_dim=6, embedding_dim=2, progress=False).fit([])
+
+
+def test_non_finite_embeddings_name_their_batch():
+    torch.manual_seed(0)
+    embedder = InfluenceEmbedder(_net(), arnoldi_dim=10, embedding_dim=2, progress=False).fit(_data())
+    embedder.factors_[:, 0] = float("nan")
+    embedder._projection = None
+    with pytest.raises(InputError, match=r"^non-finite values in the influence embeddings of batch 0: "):
+        embedder.transform(_data())
