@@ -666,3 +666,23 @@ def test_non_finite_embeddings_name_their_batch():
     embedder._projection = None
     with pytest.raises(InputError, match=r"^non-finite values in the influence embeddings of batch 0: "):
         embedder.transform(_data())
+
+
+@pytest.mark.parametrize("projection", ["closed_form", "forward"])
+def test_a_projection_never_materialises_per_example_gradients(projection):
+    """closed_form and forward mode exist to avoid the (B, |theta|) gradients: with the
+    gradient paths disabled they still give gradients @ projection."""
+    torch.manual_seed(0)
+    embedder = InfluenceEmbedder(_net(), layers=["2"], arnoldi_dim=15, embedding_dim=2, projection=projection,
+                                 progress=False).fit(_data())
+    expected = (torch.cat(list(embedder.gradients(_data()))) @ embedder.projection_).numpy()
+
+    def refused(*args, **kwargs):
+        raise AssertionError("per-example gradients materialised")
+
+    embedder._loss.per_example_grads = refused
+    if projection == "closed_form":
+        embedder._loss.directional_derivatives = refused
+    got = embedder.transform(_data())
+    assert embedder.projection_mode_ == projection
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
