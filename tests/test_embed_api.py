@@ -686,3 +686,14 @@ def test_a_projection_never_materialises_per_example_gradients(projection):
     got = embedder.transform(_data())
     assert embedder.projection_mode_ == projection
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_fit_transform_is_fit_then_transform():
+    torch.manual_seed(0)
+    model = _net()
+    options = dict(arnoldi_dim=15, embedding_dim=2, progress=False)
+    both = InfluenceEmbedder(model, **options)
+    embeddings = both.fit_transform(_data())
+    separate = InfluenceEmbedder(model, **options).fit(_data())
+    assert both.is_fitted and both.n_fit_examples_ == 20
+    np.testing.assert_array_equal(embeddings, separate.transform(_data()))
