@@ -147,22 +147,13 @@ def score_of(statuses: dict[str, str], equivalent: set[str]) -> dict:
 def module_entry(module: str, statuses: dict[str, str], equivalent: set[str], sample: dict | None) -> dict:
     entry = score_of(statuses, equivalent)
     entry["source_blob"] = git("hash-object", str(ROOT / module))
-    if entry["checked"] in (0, entry["mutants"]):
-        entry["coverage"] = "none" if not entry["checked"] else "all mutants"
-        return entry
-    by_function = defaultdict(dict)
-    for name, s in statuses.items():
-        by_function[function_of(name)][name] = s
-    entry["functions"] = {f: {k: v for k, v in score_of(s, equivalent).items() if k != "by_status"}
-                          for f, s in sorted(by_function.items())}
     drawn = [n for n in sample["names"] if n in statuses] if sample else []
     if drawn and all(statuses[n] not in ("not checked", "skipped") for n in drawn):
         # the score of the random sample alone (other checked mutants, e.g. whole functions, left out)
         entry["sample"] = score_of({n: statuses[n] for n in drawn}, equivalent)
+        entry["sample"]["drawn_by"] = f"{sample['drawn_by']}, names in results/mutation/sample.json"
         entry["sample"]["score_95ci_wilson"] = wilson(entry["sample"]["killed_or_timeout"],
                                                       entry["sample"]["checked"] - entry["sample"]["equivalent"])
-        entry["coverage"] = (f"uniformly random sample of {len(drawn)} of {entry['mutants']} mutants "
-                             f"({sample['drawn_by']}, names in results/mutation/sample.json): see sample")
         if sample.get("tests_written_for"):
             # tests were written to kill the survivors of the first ones drawn: their score is biased
             # upwards; the rest of the sample, run after those tests, estimates the module's score
@@ -171,6 +162,17 @@ def module_entry(module: str, statuses: dict[str, str], equivalent: set[str], sa
             entry["held_out"]["drawn"] = f"names {sample['tests_written_for'] + 1}-{len(sample['names'])} of the sample"
             entry["held_out"]["score_95ci_wilson"] = wilson(entry["held_out"]["killed_or_timeout"],
                                                             entry["held_out"]["checked"] - entry["held_out"]["equivalent"])
+    if entry["checked"] in (0, entry["mutants"]):
+        entry["coverage"] = "none" if not entry["checked"] else "all mutants"
+        return entry
+    by_function = defaultdict(dict)
+    for name, s in statuses.items():
+        by_function[function_of(name)][name] = s
+    entry["functions"] = {f: {k: v for k, v in score_of(s, equivalent).items() if k != "by_status"}
+                          for f, s in sorted(by_function.items())}
+    if "sample" in entry:
+        entry["coverage"] = f"uniformly random sample of {len(drawn)} of {entry['mutants']} mutants: see sample"
+        if "held_out" in entry:
             entry["coverage"] += (f"; the first {sample['tests_written_for']} were triaged and their survivors killed "
                                   "by new tests, the rest were run after those tests: see held_out for the unbiased estimate")
     else:
