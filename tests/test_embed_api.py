@@ -3,6 +3,7 @@ Captum agreement."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -697,3 +698,27 @@ def test_fit_transform_is_fit_then_transform():
     separate = InfluenceEmbedder(model, **options).fit(_data())
     assert both.is_fitted and both.n_fit_examples_ == 20
     np.testing.assert_array_equal(embeddings, separate.transform(_data()))
+
+
+def test_load_restores_every_fitted_attribute_in_the_model_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = _net().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (20,), generator=g)
+    fitted = InfluenceEmbedder(model, arnoldi_dim=15, embedding_dim=2, progress=False).fit(_loader(x, y, 8))
+    path = fitted.save(tmp_path / "factors.pt")
+    loaded = InfluenceEmbedder.load(path, model, progress=False)
+    torch.testing.assert_close(loaded.factors_, fitted.factors_, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.eigenvalues_, fitted.eigenvalues_, rtol=0, atol=0)
+    np.testing.assert_array_equal(np.asarray(loaded.ritz_residuals_), np.asarray(fitted.ritz_residuals_))
+    np.testing.assert_array_equal(np.asarray(loaded.arnoldi_spectrum_), np.asarray(fitted.arnoldi_spectrum_))
+    assert (loaded.arnoldi_iterations_, loaded.arnoldi_breakdown_, loaded.n_fit_examples_) == (
+        fitted.arnoldi_iterations_, fitted.arnoldi_breakdown_, 20)
+    # float64 factors loaded for the float32 copy of the model come back in float32
+    single_model = _net()
+    single_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    single = InfluenceEmbedder.load(path, single_model, progress=False)
+    assert single.factors_.dtype == torch.float32
+    for clash, listed in [({"layers": ["2"]}, "['layers']"), ({"embedding_dim": 3, "seed": 1}, "['embedding_dim', 'seed']")]:
+        with pytest.raises(InputError, match=rf"^{re.escape(listed)} come from the factors file and cannot be passed to load$"):
+            InfluenceEmbedder.load(path, model, **clash)
