@@ -388,3 +388,129 @@ def test_iterate_batches_validates_the_first_batch_moves_and_refuses_empty(mlp64
     with pytest.raises(InputError, match="^empty loader: the fit loader yielded no batch$"):
         list(iterate_batches([], task, loss, torch.device("cpu"), validate=False, what="fit"))
     assert list(iterate_batches([], task, loss, torch.device("cpu"), validate=False, what="fit", allow_empty=True)) == []
+
+
+def _arnoldi_on(matrix: np.ndarray, p: int, seed: int = 5, **kwargs):
+    from harness.hessian import arnoldi
+
+    a = torch.from_numpy(matrix)
+    options = dict(generator=torch.Generator().manual_seed(seed), dtype=torch.float64, device=torch.device("cpu"),
+                   basis_device=torch.device("cpu"), breakdown_tol=1e-10, progress=False)
+    return arnoldi(lambda block: block @ a, len(matrix), p, **{**options, **kwargs})
+
+
+def test_arnoldi_by_default_is_textbook_arnoldi_on_an_explicit_matrix(capsys):
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(9, 9)))
+    matrix = (q * np.linspace(1, 9, 9)) @ q.T
+    p = 5
+    start = torch.randn(9, generator=torch.Generator().manual_seed(5), dtype=torch.float64).numpy()
+    basis, hess = [start / np.linalg.norm(start)], np.zeros((p + 1, p))
+    for k in range(p):  # textbook Arnoldi, one vector at a time
+        w = matrix @ basis[k]
+        for j in range(k + 1):
+            hess[j, k] = basis[j] @ w
+            w = w - hess[j, k] * basis[j]
+        hess[k + 1, k] = np.linalg.norm(w)
+        basis.append(w / hess[k + 1, k])
+    result = _arnoldi_on(matrix, p)  # no block_size: one direction per pass
+    assert not result.breakdown and result.basis.dtype == torch.float64 and result.hessenberg.dtype == np.float64
+    np.testing.assert_allclose(result.basis.numpy(), np.stack(basis[:p]), atol=1e-12)
+    np.testing.assert_allclose(result.hessenberg, hess, atol=1e-12)
+    np.testing.assert_array_equal(result.deflated, np.zeros(p))
+    assert capsys.readouterr().err == ""
+    # P >= |theta| is cut to |theta|; with blocks the restriction carries the exact spectrum
+    for block_size in (1, 3, 20):
+        full = _arnoldi_on(matrix, 50, block_size=block_size, progress=True)
+        assert full.basis.shape == (9, 9) and full.hessenberg.shape[1] == 9
+        np.testing.assert_allclose(full.basis.numpy() @ full.basis.numpy().T, np.eye(9), atol=1e-12)
+        restriction = full.hessenberg[:9, :9]
+        np.testing.assert_allclose(restriction, full.basis.numpy() @ matrix @ full.basis.numpy().T, atol=1e-10)
+        np.testing.assert_allclose(np.linalg.eigvalsh((restriction + restriction.T) / 2), np.linspace(1, 9, 9),
+                                   atol=1e-10)
+        assert "Arnoldi (HVPs)" in capsys.readouterr().err
+
+
+def test_arnoldi_stops_when_the_krylov_space_is_invariant():
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    matrix = (q[:, :3] * [3.0, 2.0, 1.0]) @ q[:, :3].T  # rank 3: the Krylov space of any start has dimension 4
+    result = _arnoldi_on(matrix, 8)
+    assert result.breakdown and result.basis.shape == (4, 8) and result.hessenberg.shape == (4, 4)
+    assert 0 < result.deflated[3] < 1e-10 * 3 and not result.deflated[:3].any()
+    values = np.linalg.eigvalsh((result.hessenberg + result.hessenberg.T) / 2)
+    np.testing.assert_allclose(values, [0, 1, 2, 3], atol=1e-9)
+    # a looser tolerance deflates earlier: remainders below breakdown_tol x the largest HVP norm
+    early = _arnoldi_on(matrix, 8, breakdown_tol=0.9)
+    assert early.breakdown and early.basis.shape[0] < 4
+
+
+def test_arnoldi_start_block_deflation_and_scale_invariance():
+    rng = np.random.default_rng(2)
+    q, _ = np.linalg.qr(rng.normal(size=(9, 9)))
+    matrix = (q * np.geomspace(1, 100, 9)) @ q.T
+    # the start block: Gram-Schmidt of the generator's first draws, one row after the other
+    g = torch.Generator().manual_seed(5)
+    draws = np.stack([torch.randn(9, generator=g, dtype=torch.float64).numpy() for _ in range(3)])
+    start = np.linalg.qr(draws.T)[0].T * np.sign(np.diag(np.linalg.qr(draws.T)[1]))[:, None]
+    blocked = _arnoldi_on(matrix, 9, block_size=3)
+    np.testing.assert_allclose(blocked.basis[:3].numpy(), start, atol=1e-12)
+    # single precision: the basis and HVPs stay float32
+    single = _arnoldi_on(matrix.astype(np.float32), 9, block_size=3, dtype=torch.float32)
+    assert single.basis.dtype == torch.float32 and single.basis.shape == (9, 9)
+    restriction = single.hessenberg[:9, :9]
+    np.testing.assert_allclose(np.linalg.eigvalsh((restriction + restriction.T) / 2), np.geomspace(1, 100, 9),
+                               rtol=1e-4)
+    # blocks drop only remainders at round-off level, whatever breakdown_tol says; plain Arnoldi obeys it
+    assert _arnoldi_on(matrix, 9, block_size=3, breakdown_tol=0.9).basis.shape == (9, 9)
+    plain = _arnoldi_on(matrix, 9, breakdown_tol=0.3)
+    assert plain.breakdown and plain.basis.shape[0] < 9
+    # the deflation test is relative to the largest HVP norm: a scaled matrix deflates alike
+    for factor in (1e-6, 1e6):
+        scaled = _arnoldi_on(matrix * factor, 9, breakdown_tol=0.3)
+        assert scaled.basis.shape == plain.basis.shape
+        np.testing.assert_allclose(scaled.basis.numpy(), plain.basis.numpy(), atol=1e-10)
+        np.testing.assert_allclose(scaled.hessenberg, plain.hessenberg * factor, rtol=1e-9, atol=1e-12 * factor)
+    # a zero curvature deflates at once even with breakdown_tol = 0 (the remainder is exactly 0)
+    zero = _arnoldi_on(np.zeros((9, 9)), 9, breakdown_tol=0.0)
+    assert zero.breakdown and zero.basis.shape == (1, 9) and zero.hessenberg.shape == (1, 1)
+    assert zero.hessenberg[0, 0] == 0 and zero.deflated.tolist() == [0.0]
+
+
+def test_arnoldi_counts_hvps_in_its_progress_bar_and_names_non_finite_passes(monkeypatch):
+    from harness import hessian
+
+    bars = []
+
+    class Bar:  # records what arnoldi asks of tqdm
+        def __init__(self, **kwargs):
+            self.kwargs, self.updates, self.closed = kwargs, [], False
+            bars.append(self)
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(hessian, "tqdm", Bar)
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.normal(size=(9, 9)))
+    matrix = (q * np.linspace(1, 9, 9)) @ q.T
+    for progress in (True, False):
+        result = _arnoldi_on(matrix, 8, block_size=3, progress=progress)  # P not a multiple of the block
+        assert result.basis.shape == (8, 9) and result.hessenberg.shape[1] == 8 and not result.breakdown
+        bar = bars.pop()
+        assert bar.kwargs == {"total": 8, "desc": "Arnoldi (HVPs)", "disable": not progress, "leave": False}
+        assert bar.updates == [3, 3, 2] and bar.closed
+
+    calls = []
+
+    def poisoned(block):  # the second pass (directions 3..5) returns NaN
+        calls.append(len(block))
+        out = block @ torch.from_numpy(matrix)
+        return out * float("nan") if len(calls) == 2 else out
+
+    with pytest.raises(InputError, match=r"^non-finite values in the Hessian-vector products of Arnoldi directions 3\.\.5:"):
+        hessian.arnoldi(poisoned, 9, 8, block_size=3, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                device=torch.device("cpu"), basis_device=torch.device("cpu"), breakdown_tol=1e-10, progress=False)

@@ -3,6 +3,9 @@ Captum agreement."""
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -321,3 +324,401 @@ def test_hugging_face_task_with_padding_matches_per_example_autograd():
         loss = nn.functional.cross_entropy(out.logits, labels[i : i + 1])
         naive = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
         torch.testing.assert_close(fast[i], naive, rtol=1e-4, atol=1e-6)
+
+
+def test_constructor_messages_name_the_argument_and_the_settings_are_kept():
+    refused = {
+        "embedding_dim": (0, r"embedding_dim must be >= 1; got 0"),
+        "hessian_reduction": ("max", r"hessian_reduction must be one of 'mean', 'sum'; got 'max'"),
+        "eigenvalue_rtol": (1.0, r"eigenvalue_rtol must be in \[0\.0, 1\.0\); got 1\.0"),
+        "breakdown_tol": (1.0, r"breakdown_tol must be in \[0\.0, 1\.0\); got 1\.0"),
+        "damping": (-1.0, r"damping must be >= 0\.0; got -1\.0"),
+        "merge_fit_batches": (1, r"merge_fit_batches must be True or False; got 1"),
+        "frozen_prefix": ("no", r"frozen_prefix must be True or False; got 'no'"),
+        "float64_basis": (None, r"float64_basis must be True or False; got None"),
+        "projection": ("x", r"projection must be one of 'auto', 'gradients', 'forward', 'closed_form', 'layerwise'; "
+                            r"got 'x'"),
+        "curvature": ("x", r"curvature must be one of 'hessian', 'ggn'; got 'x'"),
+        "block_size": (0, r"block_size must be >= 1; got 0"),
+        "chunk_size": (0, r"chunk_size must be >= 1; got 0"),
+        "progress": ("yes", r"progress must be True or False; got 'yes'"),
+        "basis_device": (3, r"basis_device must be a device name such as 'cpu' or 'cuda'; got int"),
+    }
+    for name, (value, message) in refused.items():
+        settings = {"arnoldi_dim": 5, "embedding_dim": 2, name: value}
+        with pytest.raises(InputError, match=f"^{message}$"):
+            InfluenceEmbedder(_net(), **settings)
+    # the boundaries that are allowed, and every setting as given
+    embedder = InfluenceEmbedder(_net(), arnoldi_dim=5, embedding_dim=1, chunk_size=1, device="cpu", basis_device="cpu",
+                                 breakdown_tol=0.0, eigenvalue_rtol=0.0, damping=0.0, progress=False)
+    assert embedder.chunk_size == 1 and embedder._loss.chunk_size == 1
+    assert embedder.device == torch.device("cpu") and embedder.basis_device == torch.device("cpu")
+    assert (embedder.config.breakdown_tol, embedder.config.eigenvalue_rtol, embedder.config.embedding_dim) == (0, 0, 1)
+    assert (embedder.config.merge_fit_batches, embedder.config.frozen_prefix, embedder.config.float64_basis) == (
+        True, True, False)
+    assert InfluenceEmbedder(_net(), arnoldi_dim=5, embedding_dim=2, chunk_size=3)._loss.chunk_size == 3
+    assert InfluenceEmbedder(_net(), arnoldi_dim=5, embedding_dim=2).basis_device == torch.device("cpu")
+
+
+def test_fit_and_transform_messages_name_the_loader():
+    embedder = InfluenceEmbedder(_net(), arnoldi_dim=5, embedding_dim=2, progress=False)
+
+    def one_shot():
+        yield from _data()
+
+    with pytest.raises(InputError, match=r"^the fit loader is a one-shot iterator \(generator\), but it is passed "
+                                         r"over P \+ 1 times: give a DataLoader or a list of batches$"):
+        embedder.fit(one_shot())
+    with pytest.raises(InputError, match=r"^empty loader: the fit loader yielded no batch$"):
+        embedder.fit([])
+    with pytest.warns(UserWarning, match=r"have not converged: .*; increase arnoldi_dim \(P=5\) or lower embedding_dim$"):
+        embedder.fit(_data())
+    with pytest.raises(InputError, match=r"^empty loader: the input loader yielded no batch$"):
+        embedder.transform([])
+
+
+def test_fit_data_batching_leaves_the_eigenpairs_exact():
+    """Merged or not, one HVP per batch or blocks, Hessian or Gauss-Newton: the summed curvature
+    over every fit batch, against the explicit Hessian of the mean loss (P = |theta|)."""
+    torch.manual_seed(0)
+    model = _net().double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (20,), generator=g)
+    names = list(select_parameters(model, None).names)
+    values = np.linalg.eigvalsh(explicit_hessian(model, x, y, names).numpy())[::-1][:3]
+    loader = _loader(x, y, batch_size=8)  # 8 + 8 + 4
+    results = {}
+    for merge in (True, False):
+        for block_size in (1, 4):
+            for curvature in ("hessian", "ggn"):
+                embedder = InfluenceEmbedder(model, arnoldi_dim=43, embedding_dim=3, block_size=block_size,
+                                             merge_fit_batches=merge, curvature=curvature, progress=False).fit(loader)
+                assert embedder.n_fit_batches_ == (1 if merge else None)  # held merged, or streamed
+                results[merge, block_size, curvature] = embedder.eigenvalues_.numpy()
+                assert embedder.eigenvalues_.dtype == torch.float64
+    for (merge, block_size, curvature), got in results.items():
+        if curvature == "hessian":
+            np.testing.assert_allclose(got, values, rtol=1e-8)
+        else:
+            np.testing.assert_allclose(got, results[True, 1, "ggn"], rtol=1e-8)
+    # a single example is a valid fit set
+    InfluenceEmbedder(model, arnoldi_dim=5, embedding_dim=1, progress=False).fit([(x[:1], y[:1])])
+
+
+class _ScaledConv(nn.Module):
+    """A convolution whose output a bare parameter scales: neither the closed form nor the
+    layer-wise projection applies, so "auto" falls back to forward mode or gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 2, 3)
+        self.scale = nn.Parameter(torch.tensor([1.5]))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x[:, None, :]) * self.scale).flatten(1))
+
+
+def _naive_embeddings(embedder, model, x, y):
+    names = list(embedder.selection.names)
+    return explicit_gradients(model, x, y, names).numpy() @ embedder.projection_.numpy()
+
+
+def test_auto_projection_falls_back_by_embedding_width_and_every_path_is_exact():
+    torch.manual_seed(0)
+    model = _ScaledConv().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    loader = _loader(x, y, batch_size=20)
+    common = dict(arnoldi_dim=36, curvature="ggn", progress=False)  # P = |theta|; 26 positive eigenvalues
+    cases = [(None, 24, "forward"), (None, 25, "gradients"), (["scale", "fc"], 2, "forward"), (["scale", "fc"], 3, "gradients")]
+    for layers, d, mode in cases:  # a selected convolution allows forward mode up to D = 24, else up to 2
+        embedder = InfluenceEmbedder(model, layers=layers, embedding_dim=d, **common).fit(loader)
+        assert embedder.n_components_ == d
+        got = embedder.transform(loader)
+        assert embedder.projection_mode_ == mode
+        np.testing.assert_allclose(got, _naive_embeddings(embedder, model, x, y), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match=r'^projection="layerwise" needs every selected parameter to be the weight or '
+                                         r"bias of an nn\.Linear, nn\.Conv1d/2d \(groups=1, zero padding\), nn\.LayerNorm "
+                                         r"or BatchNorm layer$"):
+        InfluenceEmbedder(model, embedding_dim=2, projection="layerwise", **common).fit(loader).transform(loader)
+    with pytest.raises(InputError, match=r'^projection="closed_form" needs theta = one nn\.Linear whose output is the '
+                                         r"logits of a cross-entropy task \(2-D inputs\)$"):
+        InfluenceEmbedder(model, embedding_dim=2, projection="closed_form", **common).fit(loader).transform(loader)
+
+
+class _Reused(nn.Module):
+    """A linear layer whose weight is used a second time outside the layer: the layer-wise
+    projection passes the static check and fails the first batch's."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.linear(x) + torch.tanh(x @ self.linear.weight.T)
+
+
+def test_requested_and_automatic_projections_are_what_they_say():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(24, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (24,), generator=g)
+    loader = _loader(x, y, batch_size=24)
+    net = _net().double()
+    common = dict(arnoldi_dim=20, embedding_dim=4, progress=False)
+    for layers, projection, mode in [("2", "auto", "closed_form"), (None, "auto", "layerwise"),
+                                     (None, "gradients", "gradients"), (None, "forward", "forward")]:
+        embedder = InfluenceEmbedder(net, layers=layers, projection=projection, **common).fit(loader)
+        got = embedder.transform(loader)
+        assert embedder.projection_mode_ == mode
+        np.testing.assert_allclose(got, _naive_embeddings(embedder, net, x, y), rtol=1e-5, atol=1e-7)
+    reused = _Reused().double()
+    with pytest.raises(InputError, match=r'^projection="layerwise" does not apply to this model: a selected parameter '
+                                         r"is used outside its layer, examples interact, or a layer input is changed in "
+                                         r'place \(use projection="auto"\)$'):
+        InfluenceEmbedder(reused, projection="layerwise", **common).fit(loader).transform(loader)
+    embedder = InfluenceEmbedder(reused, **common).fit(loader)
+    got = embedder.transform(loader)
+    assert embedder.projection_mode_ == "gradients"  # layer-wise refused on the first batch, fallen back (D = 4 > 2)
+    np.testing.assert_allclose(got, _naive_embeddings(embedder, reused, x, y), rtol=1e-5, atol=1e-7)
+
+
+def test_transform_and_gradients_streams_with_their_own_names(monkeypatch, tmp_path):
+    from harness import embed
+
+    bars = []
+
+    class Bar:
+        def __init__(self, iterable, **kwargs):
+            self.iterable, self.kwargs = iterable, kwargs
+            bars.append(self)
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+    monkeypatch.setattr(embed, "tqdm", Bar)
+    torch.manual_seed(0)
+    embedder = InfluenceEmbedder(_net(), arnoldi_dim=10, embedding_dim=2, progress=False).fit(_data())
+    batches = list(_data())
+    embedder.transform(batches)
+    assert bars[-1].kwargs == {"total": 3, "desc": "influence embeddings", "disable": True, "leave": False}
+    embedder.progress = True
+    embedder.transform(iter(batches))  # no length: no total
+    assert bars[-1].kwargs == {"total": None, "desc": "influence embeddings", "disable": False, "leave": False}
+    shuffled = DataLoader(TensorDataset(*batches[0]), batch_size=4, shuffle=True)
+    for method, name in [(embedder.transform, "transform"), (lambda l: list(embedder.gradients(l)), "input")]:
+        with pytest.raises(InputError, match=rf"^the {name} loader shuffles"):
+            method(shuffled)
+    with pytest.raises(InputError, match=r"^empty loader: the input loader yielded no batch$"):
+        list(embedder.gradients([]))
+    with pytest.raises(InputError, match=r"targets out of range"):
+        list(embedder.gradients(_data(bad_target=True)))
+    # gradients through a trunk: the head's per-example gradients of the trunk's outputs
+    head = nn.Linear(5, 3)
+    trunk = nn.Sequential(nn.Linear(4, 5), nn.ReLU())
+    staged = InfluenceEmbedder(head, arnoldi_dim=10, embedding_dim=2, progress=False,
+                               trunk=lambda b: (trunk(b[0]), b[1])).fit(_data())
+    (x, y), = [(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))]
+    got = torch.cat(list(staged.gradients(_data())))
+    torch.testing.assert_close(got, explicit_gradients(head, trunk(x).detach(), y, ["weight", "bias"]))
+    # load passes its keyword arguments on
+    path = embedder.save(tmp_path / "factors.pt")
+    assert InfluenceEmbedder.load(path, embedder.model, progress=False).progress is False
+    other = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with pytest.raises(InputError, match=r"^the model's selected parameters do not match the saved factors: saved "
+                                         r"\[\('0\.weight', \[5, 4\]\), \('0\.bias', \[5\]\), \('2\.weight', \[3, 5\]\)\]\.\.\., "
+                                         r"model \[\('0\.weight', \[6, 4\]\), \('0\.bias', \[6\]\), \('2\.weight', \[3, 6\]\)\]\.\.\.$"):
+        InfluenceEmbedder.load(path, other)
+
+
+def test_fit_batches_are_merged_only_within_the_memory_budget(monkeypatch):
+    from harness import embed
+
+    torch.manual_seed(0)
+    model = _net()
+    batches = list(_data())  # 8 + 8 + 4 examples of 4 float32 inputs and an int64 target: 24 bytes each
+    kept = {}
+
+    def fitted(budget, loader=batches):
+        monkeypatch.setattr(embed, "memory_budget", lambda device: budget)
+        embedder = InfluenceEmbedder(model, arnoldi_dim=10, embedding_dim=2, block_size=1, frozen_prefix=False,
+                                     progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            embedder.fit(loader)
+        kept[budget] = embedder.eigenvalues_
+        return embedder.n_fit_batches_
+
+    assert fitted(24 * 20 - 1) is None  # the inputs do not fit: streamed
+    assert fitted(2**40, [(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))]) is None  # one batch
+    counts = [fitted(24 * 20 * 2**k) for k in range(3, 8)]
+    assert counts[-1] == 1 and 2 in counts and 3 in counts  # the budget caps a merged batch's examples
+    assert all(a >= b for a, b in zip(counts, counts[1:]))
+    for eigenvalues in kept.values():  # the same Hessian however the batches are held
+        torch.testing.assert_close(eigenvalues, kept[2**40], rtol=1e-4, atol=0)
+
+
+# ------------------------------------------------- fit's memory rules, by hand
+def _prepared(**options):
+    """An embedder of _net() with its loss made (what fit does first), its parameters and 10 batches of 2."""
+    torch.manual_seed(0)
+    embedder = InfluenceEmbedder(_net(), progress=False, **options)
+    embedder._loss = embedder._make_loss()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g)
+    return embedder, embedder._loss.params(), x, y
+
+
+def test_merged_fit_batches_follow_the_memory_budget(monkeypatch):
+    from harness import embed
+
+    embedder, params, x, y = _prepared()
+    loader = _loader(x, y, batch_size=2)
+    first = next(iter(loader))
+    input_bytes = 4 * 4 + 8  # one example: 4 float32 features and an int64 target
+
+    def merged(budget, n_examples=20):
+        monkeypatch.setattr(embed, "memory_budget", lambda device: budget)
+        held = embedder._merged_batches(params, loader, first, n_examples)
+        return None if held is None else [len(batch[1]) for batch in held]
+
+    # the inputs of all 20 examples must fit: exactly the budget is allowed, one byte less is not
+    assert merged(20 * input_bytes) == [2] * 10  # room for no more than one batch per merge
+    assert merged(20 * input_bytes - 1) is None
+    assert merged(10**12, n_examples=2) is None  # a single batch: nothing to merge
+    # a quarter of the budget holds each merged batch at 3x its saved bytes plus its inputs
+    per_example = 3 * embedder._loss.saved_bytes(params, first) / 2 + input_bytes
+    assert merged(int(4 * 8.5 * per_example)) == [8, 8, 4]  # room for 8 examples: 4 batches of 2 each
+    assert merged(int(4 * 6.5 * per_example)) == [6, 6, 6, 2]
+    assert merged(10**12) == [20]
+    # the merged batches are the loader's examples in order
+    monkeypatch.setattr(embed, "memory_budget", lambda device: int(4 * 8.5 * per_example))
+    held = embedder._merged_batches(params, loader, first, 20)
+    torch.testing.assert_close(torch.cat([b[0] for b in held]), x)
+    torch.testing.assert_close(torch.cat([b[1] for b in held]), y)
+
+
+def test_frozen_prefix_is_kept_only_when_its_outputs_fit_the_budget(monkeypatch):
+    from harness import embed
+
+    embedder, params, x, y = _prepared(layers=["2"])
+    loader = _loader(x[:4], y[:4], batch_size=1)
+    first = next(iter(loader))
+    # per batch of one: the outputs of Linear(4, 5) and ReLU (5 float32 each) and the inputs (4 float32 + int64)
+    held_bytes = 4 * (5 + 5) + (4 * 4 + 8)
+
+    def prefix(budget):
+        monkeypatch.setattr(embed, "memory_budget", lambda device: budget)
+        return embedder._frozen_prefix(params, loader, None, first, 4)
+
+    found = prefix(4 * held_bytes)
+    assert found.names == ["0", "1"] and found.bytes_per_batch() == held_bytes and len(found.batches) == 4
+    assert prefix(4 * held_bytes - 1) is None
+    embedder.config.frozen_prefix = False
+    assert prefix(10**12) is None
+
+
+def test_fit_replays_the_prefix_over_the_merged_batches():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g)
+    fitted = InfluenceEmbedder(_net(), layers=["2"], arnoldi_dim=6, embedding_dim=2, progress=False).fit(
+        _loader(x, y, batch_size=8))
+    assert fitted.frozen_prefix_ == ["0", "1"] and fitted.n_fit_batches_ == 1  # 8 + 8 + 4 merged, then replayed
+
+
+def test_automatic_block_size_without_a_first_batch_is_the_convergence_bound():
+    embedder, params, _, _ = _prepared(arnoldi_dim=40, embedding_dim=4, block_size="auto")
+    assert embedder._block_size(params, None) == 40 // (2 * 4) - 1  # an empty shard: memory unknown
+
+
+@pytest.mark.parametrize("float64_basis, basis_dtype", [(True, torch.float64), (False, torch.float32)])
+def test_float64_basis_is_the_basis_dtype(monkeypatch, float64_basis, basis_dtype):
+    from harness import embed
+
+    bases = []
+
+    def recording(*args, **kwargs):
+        result = arnoldi(*args, **kwargs)
+        bases.append(result.basis.dtype)
+        return result
+
+    arnoldi = embed.arnoldi
+    monkeypatch.setattr(embed, "arnoldi", recording)
+    torch.manual_seed(0)
+    fitted = InfluenceEmbedder(_net(), arnoldi_dim=6, embedding_dim=2, float64_basis=float64_basis,
+                               progress=False).fit(_data())
+    assert bases == [basis_dtype] and fitted.factors_.dtype == torch.float32
+
+
+def test_an_empty_shard_is_allowed_under_distributed_but_not_an_empty_world(monkeypatch):
+    from harness import distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda tensor: tensor)  # a world of empty shards
+    with pytest.raises(InputError, match=r"^empty loader: the fit loaders of all ranks yielded no batch$"):
+        InfluenceEmbedder(_net(), arnoldi_dim=6, embedding_dim=2, progress=False).fit([])
+
+
+def test_non_finite_embeddings_name_their_batch():
+    torch.manual_seed(0)
+    embedder = InfluenceEmbedder(_net(), arnoldi_dim=10, embedding_dim=2, progress=False).fit(_data())
+    embedder.factors_[:, 0] = float("nan")
+    embedder._projection = None
+    with pytest.raises(InputError, match=r"^non-finite values in the influence embeddings of batch 0: "):
+        embedder.transform(_data())
+
+
+@pytest.mark.parametrize("projection", ["closed_form", "forward"])
+def test_a_projection_never_materialises_per_example_gradients(projection):
+    """closed_form and forward mode exist to avoid the (B, |theta|) gradients: with the
+    gradient paths disabled they still give gradients @ projection."""
+    torch.manual_seed(0)
+    embedder = InfluenceEmbedder(_net(), layers=["2"], arnoldi_dim=15, embedding_dim=2, projection=projection,
+                                 progress=False).fit(_data())
+    expected = (torch.cat(list(embedder.gradients(_data()))) @ embedder.projection_).numpy()
+
+    def refused(*args, **kwargs):
+        raise AssertionError("per-example gradients materialised")
+
+    embedder._loss.per_example_grads = refused
+    if projection == "closed_form":
+        embedder._loss.directional_derivatives = refused
+    got = embedder.transform(_data())
+    assert embedder.projection_mode_ == projection
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_fit_transform_is_fit_then_transform():
+    torch.manual_seed(0)
+    model = _net()
+    options = dict(arnoldi_dim=15, embedding_dim=2, progress=False)
+    both = InfluenceEmbedder(model, **options)
+    embeddings = both.fit_transform(_data())
+    separate = InfluenceEmbedder(model, **options).fit(_data())
+    assert both.is_fitted and both.n_fit_examples_ == 20
+    np.testing.assert_array_equal(embeddings, separate.transform(_data()))
+
+
+def test_load_restores_every_fitted_attribute_in_the_model_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = _net().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (20,), generator=g)
+    fitted = InfluenceEmbedder(model, arnoldi_dim=15, embedding_dim=2, progress=False).fit(_loader(x, y, 8))
+    path = fitted.save(tmp_path / "factors.pt")
+    loaded = InfluenceEmbedder.load(path, model, progress=False)
+    torch.testing.assert_close(loaded.factors_, fitted.factors_, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.eigenvalues_, fitted.eigenvalues_, rtol=0, atol=0)
+    np.testing.assert_array_equal(np.asarray(loaded.ritz_residuals_), np.asarray(fitted.ritz_residuals_))
+    np.testing.assert_array_equal(np.asarray(loaded.arnoldi_spectrum_), np.asarray(fitted.arnoldi_spectrum_))
+    assert (loaded.arnoldi_iterations_, loaded.arnoldi_breakdown_, loaded.n_fit_examples_) == (
+        fitted.arnoldi_iterations_, fitted.arnoldi_breakdown_, 20)
+    # float64 factors loaded for the float32 copy of the model come back in float32
+    single_model = _net()
+    single_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    single = InfluenceEmbedder.load(path, single_model, progress=False)
+    assert single.factors_.dtype == torch.float32
+    for clash, listed in [({"layers": ["2"]}, "['layers']"), ({"embedding_dim": 3, "seed": 1}, "['embedding_dim', 'seed']")]:
+        with pytest.raises(InputError, match=rf"^{re.escape(listed)} come from the factors file and cannot be passed to load$"):
+            InfluenceEmbedder.load(path, model, **clash)

@@ -220,3 +220,71 @@ def test_ggn_of_a_task_with_its_own_loss_is_refused(mlp64):
                                          r'OwnLoss overrides Task\.loss, so the split into logits and loss is unknown '
                                          r'\(use curvature="hessian"\)$'):
         loss.ggn_block(loss.params(), (x[:4], y[:4]), torch.zeros(2, selection.numel, dtype=torch.float64))
+
+
+def test_batch_helpers_walk_nested_batches_by_hand():
+    from harness.batching import batch_length, move_to, unsqueeze_leaves
+
+    batch = {"ids": torch.arange(12).reshape(4, 3), "extra": (torch.ones(4), [torch.zeros(4, 2), "note", 7])}
+    moved = move_to(batch, torch.device("meta"))
+    assert list(moved) == ["ids", "extra"] and type(moved["extra"]) is tuple and type(moved["extra"][1]) is list
+    assert moved["ids"].device.type == "meta" and moved["ids"].shape == (4, 3) and moved["ids"].dtype == torch.int64
+    assert moved["extra"][0].device.type == "meta" and moved["extra"][1][0].device.type == "meta"
+    assert moved["extra"][1][1:] == ["note", 7]
+    assert move_to("note", torch.device("meta")) == "note"
+    # the first tensor leaf gives the length; later leaves need not be tensors
+    assert batch_length(batch) == 4 and batch_length((torch.zeros(5, 2), "caption")) == 5
+    assert batch_length([{"x": torch.zeros(3)}, torch.zeros(9)]) == 3
+    one = unsqueeze_leaves({"ids": torch.arange(3), "pair": (torch.ones(2), [torch.zeros(())])})
+    assert one["ids"].tolist() == [[0, 1, 2]] and type(one["pair"]) is tuple and type(one["pair"][1]) is list
+    assert one["pair"][0].shape == (1, 2) and one["pair"][1][0].shape == (1,)
+
+
+def test_select_parameters_by_hand():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    assert select_parameters(model, "0").names == ("0.weight", "0.bias")
+    assert select_parameters(model, "2.0.bias").names == ("2.0.bias",)
+    chosen = select_parameters(model, ["2", "0.weight", "2.0.bias"])  # model order, no repeats
+    assert chosen.names == ("0.weight", "2.0.weight", "2.0.bias") and chosen.shapes == ((3, 2), (2, 3), (2,))
+    assert select_parameters(model, "").names == select_parameters(model, None).names  # "" is the model itself
+    with pytest.raises(InputError, match=r"^no trainable parameter selected: `layers` is empty$"):
+        select_parameters(model, [])
+    with pytest.raises(InputError, match=r"^no trainable parameter selected: module '1' has no parameters$"):
+        select_parameters(model, "1")
+    with pytest.raises(InputError, match=r"^unknown layer name 'zzz': not a module or parameter of the model$"):
+        select_parameters(model, "zzz")
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(InputError, match=r"^no trainable parameter selected: the model has no parameter with "
+                                         r"requires_grad=True$"):
+        select_parameters(frozen, None)
+    many = torch.nn.ModuleDict({f"block{i}": torch.nn.Linear(1, 1) for i in range(8)})
+    with pytest.raises(InputError) as refused:
+        select_parameters(many, "block")
+    hint = str(refused.value).split("; did you mean one of ")[1]
+    assert hint.endswith("]?") and hint.count("'") == 2 * 5  # the five closest names, quoted
+
+
+class _KeywordModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def forward(self, x, *, scale=1.0):
+        return self.linear(x) * scale
+
+
+class _KeywordTask(ClassificationTask):
+    def logits(self, model, batch):
+        return model(batch[0], scale=3.0)
+
+
+def test_functional_loss_passes_keyword_arguments_and_keeps_the_model_out_of_autograd():
+    torch.manual_seed(0)
+    model = _KeywordModel().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    loss = FunctionalLoss(model, _KeywordTask(), select_parameters(model, "linear.bias"))
+    expected = torch.nn.functional.cross_entropy(model(x, scale=3.0), y, reduction="none")
+    got = loss.losses(loss.params(), (x, y))
+    torch.testing.assert_close(got, expected.detach())
+    assert not got.requires_grad  # frozen parameters enter detached: no graph into the model
+    assert set(loss.frozen) == {"linear.weight"}

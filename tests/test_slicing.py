@@ -512,3 +512,22 @@ def test_class_names_must_cover_integer_classes(labels, predictions, class_names
 def test_non_numeric_embeddings_are_named():
     with pytest.raises(InputError, match="^embeddings must hold real numbers; got dtype <U1$"):
         kmeans_slices(np.array([["a", "b"], ["c", "d"]]), 2)
+
+
+def test_opponents_per_slice_by_brute_force(capsys):
+    rng = np.random.default_rng(3)
+    pool, embeddings = rng.normal(size=(9, 4)), rng.normal(size=(12, 4))
+    members = [[0, 5, 7], np.array([11]), [2, 3, 4, 6, 8, 9]]
+    found = slicing.opponents_per_slice(pool, embeddings, members, k=3)
+    assert capsys.readouterr().err == ""  # no progress bar unless asked
+    assert isinstance(found, list) and len(found) == 3
+    for (indices, scores), member in zip(found, members):
+        influence = [sum(float(pool[j] @ embeddings[i]) for i in member) for j in range(9)]
+        expected = sorted(range(9), key=lambda j: influence[j])[:3]  # most harmful: most negative first
+        assert indices == expected and all(type(i) is int for i in indices)
+        assert scores == [round(influence[j], 6) for j in expected] and all(type(s) is float for s in scores)
+    # k larger than the pool: all of it; the progress bar changes nothing
+    (everything, _), = slicing.opponents_per_slice(pool, embeddings, [[1]], k=50, progress=True)
+    err = capsys.readouterr().err  # a bar named "slice opponents" that does not stay behind (no newline)
+    assert sorted(everything) == list(range(9)) and "\rslice opponents:" in err and "\n" not in err
+    assert slicing.opponents_per_slice(pool, embeddings, [], k=2) == []
