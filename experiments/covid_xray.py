@@ -48,7 +48,7 @@ from harness.cache import content_key
 from harness.data.covid import load_covid19, patient_split, require_torchxrayvision
 from harness.errors import InputError, exit_status
 from harness.io import atomic_write_text
-from harness.models.densenet import DenseNetHead, DenseNetTrunk, split_densenet, xray_densenet  # noqa: F401 (the split is tested from here)
+from harness.models.densenet import split_densenet, xray_densenet
 from harness.options import option
 from harness.report.figures import plot_slice_distributions
 from harness.train import TrainConfig

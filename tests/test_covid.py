@@ -62,7 +62,8 @@ def test_table4_means_per_outcome_and_cluster_with_nan_where_empty():
 
 def test_densenet_head_on_trunk_features_equals_the_whole_model():
     xrv = pytest.importorskip("torchxrayvision")
-    from experiments.covid_xray import PAPER_LAYERS, DenseNetHead, DenseNetTrunk
+    from experiments.covid_xray import PAPER_LAYERS
+    from harness.models.densenet import DenseNetHead, DenseNetTrunk
 
     torch.manual_seed(0)
     model = xrv.models.DenseNet(weights=None, num_classes=2, block_config=(1, 1, 1, 3)).eval()

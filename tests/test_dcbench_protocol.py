@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from sklearn.datasets import load_digits
-from torch import nn
 
 from harness.dcbench.protocol import (
     LabeledData,

@@ -292,7 +292,7 @@ def tiny_imagenet_archive(wnids: list[str], extra: str) -> tuple[bytes, dict[str
                 expected[f"val/{wnid}/val_{k}.JPEG"] = val
         archive.writestr("tiny-imagenet-200/val/val_annotations.txt", "\n".join(annotations) + "\n")
         archive.writestr("tiny-imagenet-200/wnids.txt", "\n".join([extra] + wnids[::-1]) + "\n")
-        words = [f"n00000001\tentity"] + [f"{w}\tname of {w}, other" for w in sorted(wnids + [extra])]
+        words = ["n00000001\tentity"] + [f"{w}\tname of {w}, other" for w in sorted(wnids + [extra])]
         archive.writestr("tiny-imagenet-200/words.txt", "\n".join(words) + "\n")
     expected["wnids.txt"] = "".join(f"{w}\n" for w in sorted(wnids)).encode()
     expected["words.txt"] = "".join(f"{w}\tname of {w}, other\n" for w in sorted(wnids)).encode()

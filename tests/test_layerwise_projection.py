@@ -122,19 +122,24 @@ class Tied(nn.Module):
         return self.out(torch.tanh(self.inp(x) @ self.out.weight.T @ self.out.weight))
 
 
-def test_auto_falls_back_where_the_check_fails_and_explicit_layerwise_raises():
-    torch.manual_seed(0)
-    x, y = torch.randn(40, 4).double(), torch.randint(0, 3, (40,))
-    loader = DataLoader(TensorDataset(x, y), batch_size=20)
-    model = Tied().double()
-    auto = InfluenceEmbedder(model, None, 10, 3, progress=False, block_size=1).fit(loader)
+def _assert_auto_falls_back(model: nn.Module, x: torch.Tensor, batch_size: int, arnoldi_dim: int) -> None:
+    """projection="auto" does not pick layer-wise, agrees with per-example gradients, and an
+    explicit "layerwise" is refused with a message naming the model's problem."""
+    y = torch.randint(0, 3, (len(x),))
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    auto = InfluenceEmbedder(model, None, arnoldi_dim, 3, progress=False, block_size=1).fit(loader)
     got = auto.transform(loader)
     assert auto.projection_mode_ in ("forward", "gradients")
     reference = torch.cat(list(auto.gradients(loader))) @ auto.projection_
     np.testing.assert_allclose(got, reference.numpy(), rtol=1e-5, atol=1e-7)
     auto.projection_mode = "layerwise"
-    with pytest.raises(InputError, match="layerwise"):
+    with pytest.raises(InputError, match="layerwise.*examples interact"):
         auto.transform(loader)
+
+
+def test_auto_falls_back_where_the_check_fails_and_explicit_layerwise_raises():
+    torch.manual_seed(0)
+    _assert_auto_falls_back(Tied().double(), torch.randn(40, 4).double(), batch_size=20, arnoldi_dim=10)
 
 
 class BatchCentred(nn.Module):
@@ -148,17 +153,8 @@ def test_examples_interacting_after_a_selected_layer_fall_back_to_per_example_gr
     """The summed-gradient check cannot see a batch mean after a selected layer (the batch gradient
     is still right); the first example embedded alone can, so auto falls back and agrees with vmap."""
     torch.manual_seed(0)
-    x, y = torch.randn(24, 5).double(), torch.randint(0, 3, (24,))
-    loader = DataLoader(TensorDataset(x, y), batch_size=24)
     model = nn.Sequential(nn.Linear(5, 6), BatchCentred(), nn.Tanh(), nn.Linear(6, 3)).double()
-    auto = InfluenceEmbedder(model, None, 12, 3, progress=False, block_size=1).fit(loader)
-    got = auto.transform(loader)
-    assert auto.projection_mode_ in ("forward", "gradients")
-    reference = torch.cat(list(auto.gradients(loader))) @ auto.projection_
-    np.testing.assert_allclose(got, reference.numpy(), rtol=1e-6, atol=1e-9)
-    auto.projection_mode = "layerwise"
-    with pytest.raises(InputError, match="examples interact"):
-        auto.transform(loader)
+    _assert_auto_falls_back(model, torch.randn(24, 5).double(), batch_size=24, arnoldi_dim=12)
 
 
 def test_embedder_picks_layerwise_and_matches_gradients():

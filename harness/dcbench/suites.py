@@ -210,7 +210,7 @@ class Suite:
             raise InputError(f"n_problems must be a positive integer; got {n_problems!r}")
         slices = self.slices(kind, split)
         if not slices:
-            why = (f"no correlation attribute given (correlation_attributes=())" if kind == "correlation"
+            why = ("no correlation attribute given (correlation_attributes=())" if kind == "correlation"
                    and not self.correlation_attributes else f"no slice has >= {self.min_members} examples")
             raise InputError(f"suite {self.name}: no eligible {kind} slice in the {split} datasets: {why}")
         return [ProblemSpec(kind, target, first_seed + i, attribute=attribute, data=name, **self.defaults)
