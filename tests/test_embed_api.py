@@ -722,3 +722,78 @@ def test_load_restores_every_fitted_attribute_in_the_model_dtype(tmp_path):
     for clash, listed in [({"layers": ["2"]}, "['layers']"), ({"embedding_dim": 3, "seed": 1}, "['embedding_dim', 'seed']")]:
         with pytest.raises(InputError, match=rf"^{re.escape(listed)} come from the factors file and cannot be passed to load$"):
             InfluenceEmbedder.load(path, model, **clash)
+
+
+# ---------------------------------------------------------------- constructor defaults, messages and fit's warnings
+def test_constructor_defaults_are_the_factor_config_defaults():
+    """One default per option: InfluenceEmbedder's keyword defaults are FactorConfig's."""
+    import inspect
+    from dataclasses import fields
+
+    from harness import FactorConfig
+
+    parameters = inspect.signature(InfluenceEmbedder.__init__).parameters
+    for field in fields(FactorConfig):
+        assert parameters[field.name].default == field.default, field.name
+    assert parameters["progress"].default is True and parameters["projection"].default == "auto"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"model": 3}, "model must be a torch.nn.Module; got int"),
+    ({"task": "cross-entropy"}, "task must be a harness.Task; got str"),
+    ({"trunk": 5}, "trunk must be callable (a module or a function of a batch); got int"),
+])
+def test_wrong_types_are_named_in_the_message(kwargs, message):
+    arguments = {"model": nn.Linear(3, 2), **kwargs}
+    with pytest.raises(InputError) as caught:
+        InfluenceEmbedder(arguments.pop("model"), None, 4, 2, **arguments)
+    assert str(caught.value) == message
+
+
+def test_an_unfitted_embedder_says_how_to_fit_it():
+    embedder = InfluenceEmbedder(nn.Linear(3, 2), None, 4, 2, progress=False)
+    with pytest.raises(InputError) as caught:
+        embedder.transform(DataLoader(TensorDataset(torch.randn(4, 3), torch.tensor([0, 1, 0, 1])), batch_size=4))
+    assert str(caught.value) == "this InfluenceEmbedder is not fitted: call fit(loader) or InfluenceEmbedder.load first"
+
+
+def _softmax_regression_loader(n_features: int, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(60, n_features, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (60,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=60)
+
+
+def test_fewer_eigenpairs_warning_names_p_and_points_at_the_caller():
+    """Softmax regression has a null space (|theta| = 15, rank <= 10): asking for 11 of P = 12
+    warns, from the caller's line, with the number of iterations that ran; the fitted
+    attributes say what ran."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    embedder = InfluenceEmbedder(model, None, 12, 11, progress=False, block_size=1)
+    with pytest.warns(UserWarning, match=r"kept \d+ of embedding_dim=11") as record:
+        embedder.fit(_softmax_regression_loader(4))
+    (warning,) = [w for w in record if "kept" in str(w.message)]
+    assert warning.filename == __file__
+    # the Krylov space of a rank-10 Hessian is exhausted before P = 12: Arnoldi stops early and says so
+    assert embedder.n_components_ <= 10 and embedder.arnoldi_iterations_ < 12 and embedder.arnoldi_breakdown_ is True
+    assert f"P={embedder.arnoldi_iterations_} Arnoldi iterations found no more" in str(warning.message)
+    assert embedder.eigenvalues_.dtype == torch.float64
+
+
+def test_ritz_residual_warning_names_the_worst_pair_and_points_at_the_caller():
+    """With P = D the last Ritz pairs have not converged: the warning counts the pairs above a
+    tenth of their eigenvalue and names the worst one (1-based), from the caller's line."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    embedder = InfluenceEmbedder(model, None, 4, 4, progress=False, block_size=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        embedder.fit(_softmax_regression_loader(6))
+    relative = np.asarray(embedder.ritz_residuals_) / embedder.eigenvalues_.numpy()
+    assert relative.max() > 0.1  # the regime this test is about
+    (warning,) = [w for w in record if "have not converged" in str(w.message)]
+    assert warning.filename == __file__
+    text = str(warning.message)
+    assert text.startswith(f"{int((relative > 0.1).sum())} of {len(relative)} kept eigenpairs have not converged")
+    assert f"(pair {int(relative.argmax()) + 1}, eigenvalue" in text and "(P=4)" in text
