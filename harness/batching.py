@@ -8,21 +8,26 @@ leaves (strings, numbers) ride along untouched.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """The batch with ``fn`` applied to every tensor leaf (other leaves unchanged)."""
+    if torch.is_tensor(batch):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
 def move_to(batch: Any, device: torch.device) -> Any:
     """The batch with every tensor leaf on ``device``."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(v, device) for v in batch)
-    return batch
+    return map_tensors(batch, lambda tensor: tensor.to(device, non_blocking=True))
 
 
 def batch_length(batch: Any) -> int:
@@ -36,13 +41,7 @@ def batch_length(batch: Any) -> int:
 
 def first_examples(batch: Any, n: int) -> Any:
     """The batch's first ``n`` examples (every tensor leaf cut to its first ``n`` rows)."""
-    if torch.is_tensor(batch):
-        return batch[:n]
-    if isinstance(batch, dict):
-        return {k: first_examples(v, n) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(first_examples(v, n) for v in batch)
-    return batch
+    return map_tensors(batch, lambda tensor: tensor[:n])
 
 
 def unsqueeze_leaves(example: Any) -> Any:
