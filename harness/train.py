@@ -85,8 +85,9 @@ def train_model(
             opt.step()
             if scheduler is not None:
                 scheduler.step()
-            total, batches = total + loss.item(), batches + 1
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            value = loss.item()
+            total, batches = total + value, batches + 1
+            bar.set_postfix(loss=f"{value:.3f}")
         if on_epoch is not None:
             with eval_mode(model):
                 on_epoch(epoch + 1, model, total / max(batches, 1))
