@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from harness import distributed
 from harness.batching import batch_length, eval_mode, move_to
-from harness.errors import InputError
+from harness.errors import InputError, warn_caller
 from harness.hessian import (
     FunctionalLoss,
     ParameterSelection,
@@ -447,20 +446,18 @@ class InfluenceEmbedder:
             result.hessenberg, cfg.embedding_dim, cfg.eigenvalue_rtol, result.deflated
         )
         if len(values) < cfg.embedding_dim:
-            warnings.warn(
+            warn_caller(
                 f"kept {len(values)} of embedding_dim={cfg.embedding_dim} eigenpairs: the rest have eigenvalue "
                 f"<= {cfg.eigenvalue_rtol:g} x largest (the Hessian is rank-deficient or not positive definite "
-                f"there, or P={result.basis.shape[0]} Arnoldi iterations found no more)",
-                stacklevel=2,
+                f"there, or P={result.basis.shape[0]} Arnoldi iterations found no more)"
             )
         relative = residuals / values
         if len(values) and relative.max() > RITZ_RESIDUAL_WARNING:
             worst = int(relative.argmax())
-            warnings.warn(
+            warn_caller(
                 f"{int((relative > RITZ_RESIDUAL_WARNING).sum())} of {len(values)} kept eigenpairs have not converged: "
                 f"Ritz residual up to {relative[worst]:.2g} x its eigenvalue (pair {worst + 1}, eigenvalue "
-                f"{values[worst]:.3g}); increase arnoldi_dim (P={result.basis.shape[0]}) or lower embedding_dim",
-                stacklevel=2,
+                f"{values[worst]:.3g}); increase arnoldi_dim (P={result.basis.shape[0]}) or lower embedding_dim"
             )
         vectors_t = torch.as_tensor(vectors, dtype=result.basis.dtype, device=result.basis.device)
         factors = result.basis.T @ vectors_t  # M = Q V

@@ -6,13 +6,31 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any, Callable
 
 DEBUG_ENV = "INFEMBED_DEBUG"
+PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))
 
 
 class InputError(ValueError):
     """A bad argument, batch, loader or numerical state; the message names the problem."""
+
+
+def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warns from the first frame outside the harness package. A fixed ``stacklevel`` names the
+    package's own code whenever the call goes through another of its layers (a subclass's
+    ``fit``, a pipeline stage); the user's line is what the warning should show."""
+    frame = sys._getframe(1)
+    level = 2  # stacklevel 2 is this function's caller
+    while frame.f_back is not None and _in_package(frame.f_code.co_filename):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def _in_package(filename: str) -> bool:
+    return os.path.realpath(filename).startswith(PACKAGE_DIR + os.sep)
 
 
 def exit_status(prefix: str, run: Callable[[], Any]) -> int:

@@ -34,7 +34,6 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Callable, Mapping
 
 from tqdm.auto import tqdm
 
-from harness.errors import InputError
+from harness.errors import InputError, warn_caller
 from harness.io import publish
 
 MANIFESTS = Path(__file__).resolve().parent / "manifests"
@@ -386,11 +385,10 @@ def fetch(source: DatasetSource, data: Path | None = None, progress: bool = True
     if differences:
         from PIL import __version__ as pillow
 
-        warnings.warn(
+        warn_caller(
             f"{source.name}: {len(differences)} of {len(source.reference)} files/folders differ in bytes from the "
             f"shared reference (the downloads themselves matched their md5s), e.g. {differences[:3]}; re-encoded "
-            f"images depend on the Pillow build (the reference was reproduced with Pillow 13.0.0, here {pillow})",
-            stacklevel=2,
+            f"images depend on the Pillow build (the reference was reproduced with Pillow 13.0.0, here {pillow})"
         )
     return target
 
