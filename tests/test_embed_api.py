@@ -805,3 +805,210 @@ def test_ritz_residual_warning_names_the_worst_pair_and_points_at_the_caller():
     text = str(warning.message)
     assert text.startswith(f"{int((relative > 0.1).sum())} of {len(relative)} kept eigenpairs have not converged")
     assert f"(pair {int(relative.argmax()) + 1}, eigenvalue" in text and "(P=4)" in text
+
+
+# ------------------------------------------- wiring the mutation run found unchecked
+@pytest.mark.parametrize("argument", ["device", "basis_device"])
+def test_devices_are_checked_when_the_embedder_is_made(argument):
+    with pytest.raises(InputError, match=rf"^{argument} 'meta': only cpu, cuda and mps devices are supported$"):
+        InfluenceEmbedder(_net(), progress=False, **{argument: "meta"})
+
+
+def _forward_calls(module: nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_chunk_size_bounds_the_directions_forward_mode_takes_at_once():
+    """vmap over D = 3 directions in chunks of 1 runs the head three times per batch, not once."""
+    torch.manual_seed(0)
+    embedder = InfluenceEmbedder(_net(), layers=["2"], arnoldi_dim=15, embedding_dim=3, projection="forward",
+                                 progress=False).fit(_data())
+    counts = {}
+    for chunk_size in (None, 1):
+        embedder.chunk_size = chunk_size
+        calls = _forward_calls(embedder.model[2])
+        embeddings = embedder.transform(_data())  # batches of 8, 8 and 4
+        counts[chunk_size] = calls[0]
+        embedder.model[2]._forward_hooks.clear()
+        if chunk_size is None:
+            whole = embeddings
+    assert counts[1] - counts[None] == 3 * (3 - 1)
+    np.testing.assert_allclose(embeddings, whole, rtol=0, atol=1e-6 * np.abs(whole).max())
+
+
+class _CountingLinear(nn.Linear):
+    runs = 0
+
+    def forward(self, x):
+        type(self).runs += 1
+        return super().forward(x)
+
+
+def test_the_frozen_prefix_runs_a_fixed_number_of_times_however_many_arnoldi_passes():
+    """The replayed prefix (layers 0 and 1) computes its outputs to record them, not in each of the
+    P passes (a replayed module's forward returns the recorded output; its hooks still fire)."""
+    runs = {}
+    for frozen_prefix in (True, False):
+        for arnoldi_dim in (6, 12):
+            torch.manual_seed(0)
+            model = nn.Sequential(_CountingLinear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+            embedder = InfluenceEmbedder(model, layers=["2"], arnoldi_dim=arnoldi_dim, embedding_dim=2, block_size=1,
+                                         frozen_prefix=frozen_prefix, progress=False)
+            _CountingLinear.runs = 0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                embedder.fit(_data())
+            assert embedder.frozen_prefix_ == (["0", "1"] if frozen_prefix else [])
+            runs[frozen_prefix, arnoldi_dim] = _CountingLinear.runs
+    assert runs[True, 6] == runs[True, 12]
+    assert runs[False, 12] - runs[False, 6] == 12 - 6  # without the prefix: one more run per pass (batches merged)
+
+
+def test_progress_shows_the_arnoldi_bar_and_progress_false_shows_nothing(capsys):
+    for progress in (True, False):
+        torch.manual_seed(0)
+        InfluenceEmbedder(_net(), arnoldi_dim=10, embedding_dim=2, progress=progress).fit(_data())
+        err = capsys.readouterr().err
+        assert ("Arnoldi (HVPs)" in err) is progress and (err == "") is not progress
+
+
+def test_fit_runs_block_krylov_with_the_block_size_it_reports(monkeypatch):
+    from harness import embed
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["block_size"])
+        return real(*args, **kwargs)
+
+    real = embed.arnoldi
+    monkeypatch.setattr(embed, "arnoldi", spy)
+    torch.manual_seed(0)
+    embedder = InfluenceEmbedder(_net(), arnoldi_dim=12, embedding_dim=2, block_size=3, progress=False).fit(_data())
+    assert seen == [3] == [embedder.block_size_]
+
+
+def test_a_breakdown_remainder_counts_in_the_ritz_residual(mlp64):
+    """A loose breakdown_tol stops Arnoldi with a remainder dropped (6 of 40 iterations here): the
+    residuals then come from that remainder alone and still equal ||H m - lambda m||."""
+    names = list(select_parameters(mlp64.model, None).names)
+    hessian = explicit_hessian(mlp64.model, *mlp64.train, names).numpy()
+    embedder = InfluenceEmbedder(mlp64.model, arnoldi_dim=40, embedding_dim=4, block_size=1, breakdown_tol=0.3,
+                                 progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        embedder.fit(mlp64.loader("train"))
+    assert embedder.arnoldi_breakdown_ and embedder.arnoldi_iterations_ < 40
+    factors, values = embedder.factors_.numpy(), embedder.eigenvalues_.numpy()
+    explicit = np.linalg.norm(hessian @ factors - factors * values, axis=0)
+    assert explicit.min() > 1e-3  # far from converged: the remainder is what the residual measures
+    np.testing.assert_allclose(embedder.ritz_residuals_, explicit, rtol=1e-6)
+
+
+def test_the_convergence_warning_counts_residuals_strictly_above_a_tenth(monkeypatch):
+    """Pair 1 sits exactly at a tenth of its eigenvalue (not counted), pair 2 at three tenths."""
+    from harness import embed
+
+    def designed(hessenberg, n_components, rtol, deflated):
+        _, vectors, _, spectrum = real(hessenberg, n_components, rtol, deflated)
+        return np.array([2.0, 1.0]), vectors[:, :2], np.array([0.2, 0.3]), spectrum
+
+    real = embed.top_eigenpairs
+    monkeypatch.setattr(embed, "top_eigenpairs", designed)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        InfluenceEmbedder(_net(), arnoldi_dim=10, embedding_dim=2, progress=False).fit(_data())
+    (text,) = [str(w.message) for w in record if "converged" in str(w.message)]
+    assert text.startswith("1 of 2 kept eigenpairs have not converged: Ritz residual up to 0.3 x its eigenvalue (pair 2")
+    monkeypatch.setattr(embed, "top_eigenpairs",
+                        lambda *a: (np.array([2.0, 1.0]), real(*a)[1][:, :2], np.array([0.2, 0.1]), real(*a)[3]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both pairs exactly at a tenth: no warning
+        InfluenceEmbedder(_net(), arnoldi_dim=10, embedding_dim=2, progress=False).fit(_data())
+
+
+def test_merged_batches_hold_whole_bytes_of_a_quarter_budget(monkeypatch):
+    """A first batch of 5 then batches of 1: a merged batch's size moves one example at a time, so
+    the budget's boundary is exact: room for 6 examples at 4 x ceil(6 x per_example) bytes, 5 one
+    byte below. A first batch of one example counts as one (not as a floor of two)."""
+    from harness import embed
+
+    embedder, params, x, y = _prepared()
+    batches = [(x[:5], y[:5])] + [(x[i:i + 1], y[i:i + 1]) for i in range(5, 20)]
+    input_bytes = 4 * 4 + 8
+
+    def merged(budget, loader, first):
+        monkeypatch.setattr(embed, "memory_budget", lambda device: budget)
+        return [len(b[1]) for b in embedder._merged_batches(params, loader, first, 20)]
+
+    per_example = 3 * embedder._loss.saved_bytes(params, batches[0]) / 5 + input_bytes
+    room = 4 * int(np.ceil(6 * per_example))
+    assert merged(room, batches, batches[0]) == [6, 6, 6, 2]
+    assert merged(room - 1, batches, batches[0]) == [5, 5, 5, 5]
+    singles = [(x[i:i + 1], y[i:i + 1]) for i in range(20)]
+    per_single = 3 * embedder._loss.saved_bytes(params, singles[0]) + input_bytes
+    assert merged(4 * int(np.ceil(4 * per_single)), singles, singles[0]) == [4] * 5
+
+
+def test_the_automatic_block_size_holds_three_times_the_saved_bytes_per_direction(monkeypatch):
+    from harness import hessian
+
+    embedder, params, x, y = _prepared(arnoldi_dim=80, embedding_dim=2, block_size="auto")
+    first = (x[:10], y[:10])
+    per_direction = 3 * embedder._loss.saved_bytes(params, first)
+    for directions in (2, 5):
+        monkeypatch.setattr(hessian, "memory_budget", lambda device: directions * per_direction)
+        assert embedder._block_size(params, first) == directions
+        monkeypatch.setattr(hessian, "memory_budget", lambda device: directions * per_direction - 1)
+        assert embedder._block_size(params, first) == directions - 1
+
+
+def test_fit_sizes_the_automatic_block_from_the_first_batch(monkeypatch):
+    from harness import hessian
+
+    # 1000 bytes: less than one direction of the first batch (3 x its ~800 saved bytes), but counted
+    # without that batch, 1000 directions of one byte (then MAX_BLOCK_SIZE would hold)
+    monkeypatch.setattr(hessian, "memory_budget", lambda device: 1000)
+    torch.manual_seed(0)
+    embedder = InfluenceEmbedder(_net(), arnoldi_dim=40, embedding_dim=2, progress=False).fit(_data())
+    assert embedder.block_size_ == 1
+
+
+class _DropoutTrunk(nn.Module):
+    """A trunk module over whole batches, with dropout (random in train mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5))
+
+    def forward(self, batch):
+        return self.body(batch[0]), batch[1]
+
+
+def test_a_trunk_module_runs_in_eval_mode_and_its_mode_is_restored():
+    torch.manual_seed(0)
+    trunk, head = _DropoutTrunk(), nn.Linear(5, 3)
+    assert trunk.training
+    embedder = InfluenceEmbedder(head, arnoldi_dim=10, embedding_dim=2, progress=False, trunk=trunk).fit(_data())
+    first, second = embedder.transform(_data()), embedder.transform(_data())
+    np.testing.assert_array_equal(first, second)  # dropout off
+    assert trunk.training
+    x, y = _data().dataset.tensors
+    with torch.no_grad():
+        features = trunk.eval().body(x)
+    expected = explicit_gradients(head, features, y, ["weight", "bias"]) @ embedder.projection_
+    np.testing.assert_allclose(first, expected.numpy(), rtol=0, atol=1e-5 * np.abs(first).max())
+
+
+def test_save_and_load_name_the_factors_file_in_their_errors(tmp_path):
+    torch.manual_seed(0)
+    embedder = InfluenceEmbedder(_net(), arnoldi_dim=10, embedding_dim=2, progress=False).fit(_data())
+    with pytest.raises(InputError, match=rf"^factors file {re.escape(str(tmp_path))} is a directory, not a regular file"):
+        embedder.save(tmp_path)
+    other = tmp_path / "other.pt"
+    torch.save({"format": "something else"}, other)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(other))} is not an InfluenceEmbedder factors file"):
+        InfluenceEmbedder.load(other, _net())
