@@ -70,7 +70,7 @@ bench: $(STAMP)
 # [tool.mutmut]): score and surviving mutants -> results/mutation/, triage in tests/mutation_equivalents.toml.
 # All modules take many CPU hours; MUTANTS picks mutant-name globs, e.g. MUTANTS='harness.slicing.*'.
 # mutants/ keeps earlier results, so modules can be run one after another; rm -rf mutants to start afresh.
-MUTANTS ?= harness.slicing.* harness.dcbench.metrics.* harness.baselines.simple.* harness.hessian.* harness.batching.* harness.embed.*
+MUTANTS ?= harness.slicing.* harness.dcbench.metrics.* harness.baselines.simple.* harness.hessian.* harness.batching.* harness.embed.* harness.fastpaths.*
 MUTATION_JOBS ?= 2
 mutation: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[mutation]"

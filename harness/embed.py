@@ -352,7 +352,8 @@ class InfluenceEmbedder:
         """Forward mode for small D, per-example gradients otherwise."""
         convolutional = any(
             isinstance(module, nn.modules.conv._ConvNd) and any(
-                f"{name}.{p}" in self.selection.names for p, _ in module.named_parameters(recurse=False)
+                # recursing: a parametrized weight (torch.nn.utils.parametrize) is a child's parameter
+                f"{name}.{p}" in self.selection.names for p, _ in module.named_parameters()
             )
             for name, module in self.model.named_modules()
         )

@@ -1012,3 +1012,28 @@ def test_save_and_load_name_the_factors_file_in_their_errors(tmp_path):
     torch.save({"format": "something else"}, other)
     with pytest.raises(InputError, match=rf"^{re.escape(str(other))} is not an InfluenceEmbedder factors file"):
         InfluenceEmbedder.load(other, _net())
+
+
+class _Symmetric(nn.Module):
+    def forward(self, weight):
+        return (weight + weight.flip(-1)) / 2
+
+
+def test_a_parametrized_bias_free_convolution_counts_as_convolutional():
+    """Its selected parameter is the parametrization's (``0.parametrizations.weight.original``), not
+    the conv's own: forward mode is chosen as for any convolution (D = 3 is over the linear limit of 2)
+    and gives the per-example gradients' embeddings."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 3, bias=False)
+    parametrize.register_parametrization(conv, "weight", _Symmetric())
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    g = torch.Generator().manual_seed(0)
+    loader = _loader(torch.randn(12, 1, 6, 6, generator=g), torch.randint(0, 3, (12,), generator=g), batch_size=6)
+    embedder = InfluenceEmbedder(model, layers=["0"], arnoldi_dim=12, embedding_dim=3, progress=False).fit(loader)
+    assert embedder.selection.names == ("0.parametrizations.weight.original",)
+    automatic = embedder.transform(loader)
+    assert embedder.projection_mode_ == "forward"
+    expected = (torch.cat(list(embedder.gradients(loader))) @ embedder.projection_).numpy()
+    np.testing.assert_allclose(automatic, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
