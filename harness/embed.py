@@ -320,7 +320,7 @@ class InfluenceEmbedder:
             return self._loss.directional_derivatives(params, batch, projection, self.chunk_size)
         return self._loss.per_example_grads(params, batch) @ projection
 
-    def _choose_projection(self, params: dict[str, torch.Tensor], first_batch: Any) -> str:
+    def _choose_projection(self, first_batch: Any) -> str:
         """The exact projection ``projection`` names, or for "auto" the fastest one
         (see the class docstring): the closed form for a last linear layer, layer-wise
         for supported layers, forward mode for small D, per-example gradients otherwise."""
@@ -581,7 +581,7 @@ class InfluenceEmbedder:
             bar = tqdm(batches, total=total, desc="influence embeddings", disable=not self.progress, leave=False)
             for i, batch in bar:
                 if i == 0:
-                    self.projection_mode_ = self._choose_projection(params, batch)
+                    self.projection_mode_ = self._choose_projection(batch)
                 block = self._project_batch(params, batch, projection)
                 check_finite(block, f"the influence embeddings of batch {i}")
                 blocks.append(block.float().cpu())

@@ -221,7 +221,7 @@ class LinearHeadEmbedder(InfluenceEmbedder):
     def _make_loss(self) -> LinearHeadLoss:
         return self._head_loss
 
-    def _choose_projection(self, params: dict[str, torch.Tensor], first_batch: Any) -> str:
+    def _choose_projection(self, first_batch: Any) -> str:
         return "closed_form"
 
     def _project_batch(self, params: dict[str, torch.Tensor], batch: Any, projection: torch.Tensor) -> torch.Tensor:
