@@ -1037,3 +1037,34 @@ def test_a_parametrized_bias_free_convolution_counts_as_convolutional():
     assert embedder.projection_mode_ == "forward"
     expected = (torch.cat(list(embedder.gradients(loader))) @ embedder.projection_).numpy()
     np.testing.assert_allclose(automatic, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_an_empty_shard_embeds_to_zero_rows_under_distributed(monkeypatch):
+    """A rank whose transform loader is empty contributes a (0, D) block to the gathered rows; outside
+    torch.distributed an empty loader is an error."""
+    from harness import distributed
+
+    torch.manual_seed(0)
+    embedder = InfluenceEmbedder(_net(), arnoldi_dim=10, embedding_dim=2, progress=False).fit(_data())
+    with pytest.raises(InputError, match=r"^empty loader"):
+        embedder.transform([])
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "gather_rows", lambda rows: rows)  # this rank's rows only
+    empty = embedder.transform([])
+    assert empty.shape == (0, 2) and empty.dtype == np.float32
+
+
+def test_non_finite_gradients_name_their_batch():
+    torch.manual_seed(0)
+    embedder = InfluenceEmbedder(_net(), arnoldi_dim=10, embedding_dim=2, progress=False).fit(_data())
+    real = embedder._loss.per_example_grads
+    calls = []
+
+    def overflowing(params, batch):  # the second batch's gradients overflow
+        calls.append(1)
+        grads = real(params, batch)
+        return grads * float("inf") if len(calls) == 2 else grads
+
+    embedder._loss.per_example_grads = overflowing
+    with pytest.raises(InputError, match=r"^non-finite values in the per-example gradients of batch 1: "):
+        list(embedder.gradients(_data()))
