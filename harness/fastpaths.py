@@ -44,6 +44,12 @@ from harness.hessian import FunctionalLoss, select_parameters
 from harness.task import ClassificationTask, Task
 
 
+def _plain_linear(module: Any) -> bool:
+    """An nn.Linear whose forward is nn.Linear's: the closed forms assume output = x W^T + b,
+    which a subclass's own forward (a scale, an activation) breaks without any error."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
 class LinearHeadLoss:
     """Closed-form drop-in for :class:`harness.hessian.FunctionalLoss` when the model is
     one ``nn.Linear`` applied to cached activations and the loss is cross-entropy.
@@ -53,8 +59,9 @@ class LinearHeadLoss:
     """
 
     def __init__(self, head: nn.Module, task: Task):
-        if not isinstance(head, nn.Linear):
-            raise InputError(f"the linear-head fast path needs an nn.Linear model; got {type(head).__name__}")
+        if not _plain_linear(head):
+            raise InputError("the linear-head fast path needs an nn.Linear model with nn.Linear's own forward; "
+                             f"got {type(head).__name__}")
         if type(task) is not ClassificationTask:
             raise InputError(
                 "the linear-head fast path computes cross-entropy in closed form and needs a "
@@ -172,7 +179,7 @@ class LinearLogitsHead:
         owner = owners.pop()
         module = dict(model.named_modules()).get(owner)
         prefix = f"{owner}." if owner else ""
-        if not isinstance(module, nn.Linear) or selection.names[0] != f"{prefix}weight":
+        if not _plain_linear(module) or selection.names[0] != f"{prefix}weight":
             return None
         head = cls(model, module, task, has_bias=f"{prefix}bias" in selection.names)
         inputs, logits, output = head._capture(batch)

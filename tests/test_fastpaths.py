@@ -94,6 +94,35 @@ def test_bad_inputs_raise_input_error(mlp64):
     frozen = nn.Linear(8, 4).double().requires_grad_(False)
     with pytest.raises(InputError, match="trainable"):
         LinearHeadLoss(frozen, ClassificationTask())
+    with pytest.raises(InputError, match=r"^the linear-head fast path needs an nn\.Linear model with nn\.Linear's own "
+                                         r"forward; got _DoubledLinear$"):
+        LinearHeadLoss(_DoubledLinear(8, 4).double(), ClassificationTask())
+
+
+class _DoubledLinear(nn.Linear):
+    """An nn.Linear whose own forward doubles the output: x W^T + b no longer gives the logits."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_auto_projection_of_a_linear_subclass_with_its_own_forward_is_exact():
+    """The closed form assumes nn.Linear's forward; a subclass changing it gets another path
+    whose embeddings equal explicit per-example gradients times the projection."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), _DoubledLinear(6, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    embedder = InfluenceEmbedder(model, layers="2", arnoldi_dim=12, embedding_dim=4, progress=False).fit(loader)
+    got = embedder.transform(loader)
+    loss = FunctionalLoss(model, ClassificationTask(), embedder.selection)
+    grads = loss.per_example_grads(loss.params(), (x, y))
+    np.testing.assert_allclose(got, (grads @ embedder.projection_).numpy(), rtol=1e-6, atol=1e-9)
+    assert embedder.projection_mode_ != "closed_form"
+    with pytest.raises(InputError, match="closed_form"):
+        InfluenceEmbedder(model, layers="2", arnoldi_dim=12, embedding_dim=4, projection="closed_form",
+                          progress=False).fit(loader).transform(loader)
 
 
 def test_linearized_hvp_matches_forward_over_reverse(mlp64):
