@@ -511,7 +511,7 @@ class InfluenceEmbedder:
         loader's), or None; see ``frozen_prefix`` in the class docstring."""
         from harness.fastpaths import FrozenPrefix
 
-        if not self.config.frozen_prefix or self.trunk is not None or first_batch is None:
+        if not self.config.frozen_prefix or first_batch is None:
             return None
         probe = held[0] if held is not None else first_batch
         prefix = FrozenPrefix.find(self._loss, params, probe)

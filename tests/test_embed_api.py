@@ -351,10 +351,11 @@ def test_constructor_messages_name_the_argument_and_the_settings_are_kept():
         with pytest.raises(InputError, match=f"^{message}$"):
             InfluenceEmbedder(_net(), **settings)
     # the boundaries that are allowed, and every setting as given
-    embedder = InfluenceEmbedder(_net(), arnoldi_dim=5, embedding_dim=1, chunk_size=1, device="cpu", basis_device="cpu",
+    # "cpu:0" is not the model's torch.device("cpu"), so a device argument that were ignored would show
+    embedder = InfluenceEmbedder(_net(), arnoldi_dim=5, embedding_dim=1, chunk_size=1, device="cpu:0", basis_device="cpu",
                                  breakdown_tol=0.0, eigenvalue_rtol=0.0, damping=0.0, progress=False)
     assert embedder.chunk_size == 1 and embedder._loss.chunk_size == 1
-    assert embedder.device == torch.device("cpu") and embedder.basis_device == torch.device("cpu")
+    assert embedder.device == torch.device("cpu:0") and embedder.basis_device == torch.device("cpu")
     assert (embedder.config.breakdown_tol, embedder.config.eigenvalue_rtol, embedder.config.embedding_dim) == (0, 0, 1)
     assert (embedder.config.merge_fit_batches, embedder.config.frozen_prefix, embedder.config.float64_basis) == (
         True, True, False)
@@ -616,6 +617,15 @@ def test_frozen_prefix_is_kept_only_when_its_outputs_fit_the_budget(monkeypatch)
     found = prefix(4 * held_bytes)
     assert found.names == ["0", "1"] and found.bytes_per_batch() == held_bytes and len(found.batches) == 4
     assert prefix(4 * held_bytes - 1) is None
+    # over merged fit batches the estimate is per example of the first held batch (all 4), not of the first batch
+    from harness.fastpaths import concatenate_batches
+
+    merged = [concatenate_batches(list(loader))]
+    monkeypatch.setattr(embed, "memory_budget", lambda device: 4 * held_bytes)
+    found = embedder._frozen_prefix(params, loader, merged, first, 4)
+    assert found.bytes_per_batch() == 4 * held_bytes and len(found.batches) == 1
+    monkeypatch.setattr(embed, "memory_budget", lambda device: 4 * held_bytes - 1)
+    assert embedder._frozen_prefix(params, loader, merged, first, 4) is None
     embedder.config.frozen_prefix = False
     assert prefix(10**12) is None
 
@@ -728,16 +738,21 @@ def test_load_restores_every_fitted_attribute_in_the_model_dtype(tmp_path):
 
 # ---------------------------------------------------------------- constructor defaults, messages and fit's warnings
 def test_constructor_defaults_are_the_factor_config_defaults():
-    """One default per option: InfluenceEmbedder's keyword defaults are FactorConfig's."""
+    """One default per option: InfluenceEmbedder's keyword defaults are FactorConfig's (read
+    off a constructed embedder: the signature alone would not see a default the body changes)."""
     import inspect
     from dataclasses import fields
 
     from harness import FactorConfig
 
     parameters = inspect.signature(InfluenceEmbedder.__init__).parameters
+    embedder = InfluenceEmbedder(nn.Linear(3, 2))
     for field in fields(FactorConfig):
         assert parameters[field.name].default == field.default, field.name
+        assert getattr(embedder.config, field.name) == field.default, field.name
     assert parameters["progress"].default is True and parameters["projection"].default == "auto"
+    assert embedder.progress is True and embedder.projection_mode == "auto" and embedder.chunk_size is None
+    assert embedder.layers is None and embedder.trunk is None and type(embedder.task) is ClassificationTask
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -36,6 +36,13 @@ def test_mlp_suffix_replays_the_first_layers(mlp64):
     assert ggn.frozen_prefix_ == ["0", "1"]
 
 
+def test_a_head_after_a_trunk_replays_its_own_frozen_layers(mlp64):
+    """The trunk runs once per example; the head's frozen layers before theta are replayed too."""
+    trunk = nn.Linear(8, 8).double().requires_grad_(False)
+    fitted = _both(mlp64.model, "2", mlp64.loader("train"), trunk=lambda batch: (trunk(batch[0]), batch[1]))
+    assert fitted.frozen_prefix_ == ["0", "1"]
+
+
 def test_resnet_layer4_replays_the_stem_and_first_stages():
     torch.manual_seed(0)
     model = resnet18(num_classes=4).double().eval()
