@@ -259,8 +259,8 @@ def test_linear_logits_head_found_for_a_bare_or_nested_last_linear_and_exact(log
         assert head is not None and head.module is module and head.has_bias
         projection = torch.randn(selection.numel, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
         loss = FunctionalLoss(model, ClassificationTask(), selection)
-        torch.testing.assert_close(head.project((x, y), projection), loss.per_example_grads(loss.params(), (x, y)) @ projection,
-                                   rtol=1e-10, atol=1e-12)
+        expected = loss.per_example_grads(loss.params(), (x, y)) @ projection
+        torch.testing.assert_close(head.project((x, y), projection), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_linear_logits_head_not_found_for_another_loss_or_pooled_token_inputs(logreg64):
@@ -301,7 +301,8 @@ def test_linearized_hvps_trace_each_batch_and_hvp_block_matches_single_hvps(mlp6
     def stacked(batch, block):
         return torch.stack([plain.hvp(params, batch, v) for v in block])
 
-    torch.testing.assert_close(traced.hvp_block(params, first, vectors), stacked(first, vectors), rtol=1e-10, atol=1e-12)
+    block = traced.hvp_block(params, first, vectors)
+    torch.testing.assert_close(block, stacked(first, vectors), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(traced.hvp(params, second, vectors[0]), plain.hvp(params, second, vectors[0]),
                                rtol=1e-10, atol=1e-12)
     one = traced.hvp_block(params, second, vectors[1:2])
@@ -326,7 +327,8 @@ def test_forward_mode_embeddings_run_chunk_size_columns_at_a_time(mlp64):
     loss = _CountingLoss(mlp64.model, ClassificationTask(), selection)
     params, batch = loss.params(), tuple(mlp64.test)
     projection = torch.randn(selection.numel, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    expected = FunctionalLoss(mlp64.model, ClassificationTask(), selection).per_example_grads(params, batch) @ projection
+    plain = FunctionalLoss(mlp64.model, ClassificationTask(), selection)
+    expected = plain.per_example_grads(params, batch) @ projection
     got = forward_mode_embeddings(loss, params, batch, projection, chunk_size=2)
     assert loss.calls == 3
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
@@ -366,7 +368,8 @@ def test_same_layout_compares_structure_and_all_but_dimension_0():
     """Merging fit batches relies on it: nested containers of tensors that differ only in length agree;
     scalars (nothing to join along), leaves that are no tensors, and mismatched containers do not."""
     t = torch.zeros(3, 2)
-    assert same_layout((t, {"mask": t, "ids": t.long()}), (torch.ones(5, 2), {"mask": torch.ones(1, 2), "ids": t[:1].long()}))
+    longer = (torch.ones(5, 2), {"mask": torch.ones(1, 2), "ids": t[:1].long()})
+    assert same_layout((t, {"mask": t, "ids": t.long()}), longer)
     assert not same_layout({"mask": t}, {"mask": t.double()})
     assert not same_layout({"mask": t}, {"mask": torch.zeros(3, 4)})
     assert not same_layout(torch.tensor(1.0), torch.tensor(2.0))
