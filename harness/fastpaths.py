@@ -171,8 +171,8 @@ class LinearLogitsHead:
     @classmethod
     def find(cls, model: nn.Module, task: Task, selection: Any, loss: Any, batch: Any) -> "LinearLogitsHead | None":
         """The head when theta is one such layer (checked on ``batch``), else None."""
-        if type(task).loss is not Task.loss or not isinstance(loss, FunctionalLoss):
-            return None
+        if type(task).loss is not Task.loss or not isinstance(getattr(loss, "_inner", loss), FunctionalLoss):
+            return None  # the core's loss, or FastInfluenceEmbedder's LinearizedHessianLoss around it
         owners = {name.rpartition(".")[0] for name in selection.names}
         if len(owners) != 1:
             return None
@@ -184,6 +184,11 @@ class LinearLogitsHead:
         head = cls(model, module, task, has_bias=f"{prefix}bias" in selection.names)
         inputs, logits, output = head._capture(batch)
         if output is not logits or inputs is None or inputs.dim() != 2 or logits.dim() != 2:
+            return None
+        # a forward hook of the layer (a temperature) can change its output after nn.Linear's forward
+        with torch.no_grad():
+            recomputed = F.linear(inputs, module.weight, module.bias)
+        if not torch.allclose(recomputed, logits, rtol=1e-5, atol=1e-5 * float(logits.abs().max())):
             return None
         return head
 

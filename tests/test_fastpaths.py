@@ -132,6 +132,35 @@ class _DoubledLinear(nn.Linear):
         return 2 * super().forward(x)
 
 
+def test_auto_projection_of_a_linear_whose_forward_hook_scales_its_output_is_exact():
+    """A forward hook (a temperature of 2) keeps nn.Linear's forward but not x W^T + b as the
+    logits: the closed form would miss the factor; the path taken is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model[2].register_forward_hook(lambda _module, _args, output: 2 * output)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    embedder = InfluenceEmbedder(model, layers="2", arnoldi_dim=12, embedding_dim=4, progress=False).fit(loader)
+    got = embedder.transform(loader)
+    loss = FunctionalLoss(model, ClassificationTask(), embedder.selection)
+    np.testing.assert_allclose(got, (loss.per_example_grads(loss.params(), (x, y)) @ embedder.projection_).numpy(),
+                               rtol=1e-6, atol=1e-9)
+    assert embedder.projection_mode_ != "closed_form"
+
+
+def test_fast_embedder_takes_the_closed_form_for_a_last_linear(mlp64):
+    """FastInfluenceEmbedder's loss wraps the core's (LinearizedHessianLoss): the closed form
+    still applies to theta = the last nn.Linear, as in the core, with the same embeddings."""
+    options = dict(layers="2", arnoldi_dim=12, embedding_dim=4, seed=2, progress=False)
+    batches = fixed_batches(mlp64.train, 50)
+    fast = FastInfluenceEmbedder(mlp64.model, **options).fit(batches)
+    core = InfluenceEmbedder(mlp64.model, projection="gradients", **options).fit(batches)
+    np.testing.assert_allclose(fast.transform(batches), core.transform(batches), rtol=1e-6, atol=1e-9)
+    assert fast.projection_mode_ == "closed_form"
+    FastInfluenceEmbedder(mlp64.model, projection="closed_form", **options).fit(batches).transform(batches)
+
+
 def test_auto_projection_of_a_linear_subclass_with_its_own_forward_is_exact():
     """The closed form assumes nn.Linear's forward; a subclass changing it gets another path
     whose embeddings equal explicit per-example gradients times the projection."""
