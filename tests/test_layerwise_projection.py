@@ -179,3 +179,111 @@ def test_unsupported_layers_are_not_layerwise():
         x, y = torch.randn(8, 4).double(), torch.randint(0, 3, (8,))
         loader = DataLoader(TensorDataset(x, y), batch_size=8)
         InfluenceEmbedder(model, None, 4, 2, progress=False, projection="layerwise").fit(loader).transform(loader)
+
+
+# ---------------------------------------------------------------- every layer type, each variant
+def _layerwise_and_reference(model: nn.Module, layers, batch, projection: torch.Tensor):
+    """(layer-wise embeddings, per-example gradients by vmap times ``projection``) on a fresh
+    LayerwiseProjection, the reference in the projection's dtype."""
+    selection = select_parameters(model, layers)
+    loss = FunctionalLoss(model, ClassificationTask(), selection)
+    with eval_mode(model):
+        params = loss.params()
+        expected = loss.per_example_grads(params, batch).to(projection.dtype) @ projection
+        layerwise = LayerwiseProjection.find(model, selection, loss)
+        assert layerwise is not None and layerwise.checked is False
+        got = layerwise.project(params, batch, projection)
+    assert got is not None and layerwise.checked is True
+    return got, expected
+
+
+class Mixed(nn.Module):
+    """One of each layer variant the layer-wise terms treat apart: Conv2d with stride, padding and
+    dilation; a bias-free Conv1d with all three; BatchNorm1d and LayerNorm on 2-D features (no
+    position dimension to sum over); a LayerNorm with a large eps and no bias; a bias-free Linear
+    called twice (its terms are summed over calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2)
+        self.line = nn.Conv1d(3, 4, 2, stride=2, padding=1, dilation=2, bias=False)
+        self.bn = nn.BatchNorm1d(8)
+        self.norm = nn.LayerNorm(8)
+        self.twice = nn.Linear(8, 8, bias=False)
+        self.norm_no_bias = nn.LayerNorm(8, eps=0.5, bias=False)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).mean(2)  # (B, 3, 4)
+        h = self.line(h).flatten(1)  # (B, 8)
+        h = self.norm(torch.tanh(self.bn(h)))
+        h = torch.tanh(self.twice(torch.tanh(self.twice(h))))
+        return self.out(self.norm_no_bias(h))
+
+
+def _mixed(dtype: torch.dtype) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    model = Mixed()
+    _randomise_batchnorm(model)
+    with torch.no_grad():
+        for norm in (model.bn, model.norm, model.norm_no_bias):  # not the default ones/zeros
+            norm.weight.uniform_(0.5, 1.5)
+            if norm.bias is not None:
+                norm.bias.normal_()
+    x, y = torch.randn(5, 2, 9, 9), torch.randint(0, 3, (5,))
+    return model.to(dtype), (x.to(dtype), y)
+
+
+def test_each_layer_variant_matches_per_example_gradients():
+    model, batch = _mixed(torch.float64)
+    selection = select_parameters(model, None)
+    projection = torch.randn(selection.numel, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got, expected = _layerwise_and_reference(model, None, batch, projection)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_layers_with_a_float64_projection_match_per_example_gradients():
+    """float64_basis gives a float64 projection for a float32 model: each layer's terms are
+    cast to the projection's dtype before they meet it."""
+    model, batch = _mixed(torch.float32)
+    selection = select_parameters(model, None)
+    projection = torch.randn(selection.numel, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got, expected = _layerwise_and_reference(model, None, batch, projection)
+    assert got.dtype == torch.float64
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+class Reused(nn.Module):
+    """One Linear on (B, T, 5) tokens; T and the projection's width D pick the contraction."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.lin(x)).mean(1))
+
+
+@pytest.mark.parametrize("positions, width, forms_gradients", [
+    (8, 8, False),  # T D = 4 (T + D): the boundary itself contracts a_it V_d^T
+    (8, 9, True),
+    (9, 8, True),
+    (5, 20, False),  # = 4 (T + D) again, far from T = D
+    (2, 30, False),
+])
+def test_per_example_weight_gradients_only_where_t_d_exceeds_4_t_plus_d(monkeypatch, positions, width, forms_gradients):
+    """The cost rule of the class docstring: per-example weight gradients (one bmm per layer) only
+    when T D > 4 (T + D); both contractions give the per-example gradients times the projection."""
+    torch.manual_seed(0)
+    model = Reused().double()
+    batch = (torch.randn(3, positions, 5, dtype=torch.float64), torch.randint(0, 3, (3,)))
+    n_theta = select_parameters(model, ["lin"]).numel
+    projection = torch.randn(n_theta, width, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    bmm_calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *args: bmm_calls.append(1) or real_bmm(*args))
+    got, expected = _layerwise_and_reference(model, ["lin"], batch, projection)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # the first call checks the batch and then projects the first example alone (T positions too)
+    assert bool(bmm_calls) == forms_gradients
