@@ -112,3 +112,112 @@ def test_batches_of_other_layouts_are_not_merged():
     model = nn.Linear(4, 2).double()
     fitted = InfluenceEmbedder(model, None, 6, 2, progress=False, block_size=1).fit(ragged)
     assert fitted.n_fit_batches_ == 1
+
+
+# ---------------------------------------------------------------- FrozenPrefix.find on one batch
+def _find(model: nn.Module, layers, batch):
+    from harness.fastpaths import FrozenPrefix
+    from harness.hessian import FunctionalLoss, select_parameters
+    from harness.task import ClassificationTask
+
+    loss = FunctionalLoss(model, ClassificationTask(), select_parameters(model, layers))
+    return loss, FrozenPrefix.find(loss, loss.params(), batch)
+
+
+class HeadOutsideItsBlock(nn.Module):
+    """`block` holds the selected `block.head` but the root calls the head after `block` returned:
+    `block` holds theta, so only its frozen child `block.pre` is replayed."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Module()
+        self.block.pre, self.block.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.block.forward = lambda x: torch.tanh(self.block.pre(x))
+
+    def forward(self, x):
+        return self.block.head(self.block(x))
+
+
+class RootScale(nn.Module):
+    """The root module owns a selected parameter: theta is reached when the root's call starts."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.out(self.first(x)) * self.scale
+
+
+class Scaled(nn.Module):
+    """Owns a selected scale and calls a frozen child: theta is reached when Scaled starts."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+class ScaledInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.scaled, self.out = nn.Linear(4, 4), Scaled(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.scaled(self.first(x)))
+
+
+class WeightOnly(nn.Module):
+    """The selected layer is never called, its weight is used directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return nn.functional.linear(torch.tanh(self.first(x)), self.out.weight)
+
+
+class Router(nn.Module):
+    """Frozen, but its call encloses the first call of the selected gate."""
+
+    def forward(self, h, gate):
+        return gate(h).argmax(1)
+
+
+class Routed(nn.Module):
+    """Hard routing by a selected gate: the router's output (an argmax, with margins far larger
+    than the check's perturbation) does not move with theta, but its call reaches theta."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.gate, self.router, self.out = nn.Linear(4, 4), nn.Linear(4, 2), Router(), nn.Linear(4, 3)
+        with torch.no_grad():
+            self.gate.bias.copy_(torch.tensor([50.0, -50.0]))
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        route = self.router(h, self.gate)
+        return self.out(h) * (1 + route[:, None])
+
+
+@pytest.mark.parametrize("model, layers, expected", [
+    (HeadOutsideItsBlock(), "block.head", ["block.pre"]),
+    (RootScale(), ["scale", "out"], None),
+    (ScaledInside(), "scaled.scale", ["first"]),  # not scaled.inner: it runs after theta is reached
+    (WeightOnly(), "out", None),  # no selected module is ever called
+    (Routed(), ["gate", "out"], ["first"]),
+    # 0's output is changed in place by the ReLU (which returns it): only the ReLU is replayed
+    (nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)), "2", ["1"]),
+], ids=["head called outside its block", "root owns theta", "frozen child of theta's owner", "weight used directly",
+        "frozen call enclosing theta's", "idempotent in-place ReLU"])
+def test_prefix_is_what_ends_before_the_first_call_of_a_module_owning_theta(model, layers, expected):
+    torch.manual_seed(0)
+    model = model.double()
+    batch = (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
+    _, prefix = _find(model, layers, batch)
+    assert (prefix.names if prefix is not None else None) == expected
