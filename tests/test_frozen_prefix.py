@@ -221,3 +221,53 @@ def test_prefix_is_what_ends_before_the_first_call_of_a_module_owning_theta(mode
     batch = (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
     _, prefix = _find(model, layers, batch)
     assert (prefix.names if prefix is not None else None) == expected
+
+
+class Gain(nn.Module):
+    def __init__(self, g: float):
+        super().__init__()
+        self.g = nn.Parameter(torch.tensor([g]))
+
+    def forward(self, x):
+        return x / self.g
+
+
+class HiddenGain(nn.Module):
+    """`pre` holds no selected parameter, but its input is scaled by the selected gain."""
+
+    def __init__(self, g: float):
+        super().__init__()
+        self.first, self.pre, self.gain, self.out = nn.Linear(4, 8), nn.Identity(), Gain(g), nn.Linear(8, 3)
+        with torch.no_grad():
+            self.out.weight.mul_(0.1)
+
+    def forward(self, x):
+        return self.out(self.gain(self.pre(self.first(x) * self.gain.g)))
+
+
+@pytest.mark.parametrize("g, dtype", [
+    (0.5, torch.float64),
+    (1e-3, torch.float64),  # |g| - 1e-3 would be no perturbation at all
+    (1e9, torch.float64),  # a perturbation not scaled up by |g| would vanish below g's round-off
+    (0.5, torch.bfloat16),  # the perturbation in theta's dtype
+])
+def test_the_check_moves_every_entry_of_theta_by_about_a_tenth_of_its_scale(g, dtype):
+    """Condition (2) of the class docstring: theta perturbed by 0.1 (mean |p| + 1e-3) times a
+    normal draw per entry, every entry moved, from a generator of its own (the global RNG is left
+    as it was, and the same draw comes every time)."""
+    torch.manual_seed(0)
+    model = HiddenGain(g).to(dtype)
+    with torch.no_grad():
+        model.gain.g.fill_(g)  # g itself in theta's dtype, not its float32 rounding
+    batch = (torch.randn(10, 4).to(dtype), torch.randint(0, 3, (10,)))
+    seen = []
+    model.out.register_forward_pre_hook(lambda module, _args: seen.append(module.weight.detach().clone()))
+    state = torch.get_rng_state()
+    prefixes = [_find(model, ["gain", "out"], batch)[1] for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [p.names for p in prefixes] == [["first"], ["first"]]  # not "pre": its output moves with g
+    theta = model.out.weight.detach()
+    moved = [w for w in seen if not torch.equal(w, theta)]
+    assert len(moved) == 2 and torch.equal(moved[0], moved[1]) and moved[0].dtype == dtype
+    ratio = ((moved[0] - theta) / (theta.abs().mean() + 1e-3)).double()
+    assert bool((ratio != 0).all()) and float(ratio.abs().max()) < 0.5 and float(ratio.std()) > 0.03
