@@ -271,3 +271,50 @@ def test_the_check_moves_every_entry_of_theta_by_about_a_tenth_of_its_scale(g, d
     assert len(moved) == 2 and torch.equal(moved[0], moved[1]) and moved[0].dtype == dtype
     ratio = ((moved[0] - theta) / (theta.abs().mean() + 1e-3)).double()
     assert bool((ratio != 0).all()) and float(ratio.abs().max()) < 0.5 and float(ratio.std()) > 0.03
+
+
+class InPlaceLater(nn.Module):
+    """`first`'s output is changed in place only once `clip` is set (after the first batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.clip = False
+
+    def forward(self, x):
+        h = self.first(x)
+        if self.clip:
+            h.clamp_(-1, 1)
+        return self.out(h)
+
+
+def test_a_frozen_output_changed_in_place_on_a_later_batch_is_an_input_error():
+    from harness import InputError
+
+    torch.manual_seed(0)
+    model = InPlaceLater().double()
+    batch = (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
+    loss, prefix = _find(model, "out", batch)
+    assert prefix.names == ["first"]
+    prefix.add_batch(loss.params(), batch)
+    model.clip = True
+    with pytest.raises(InputError, match=r"^a frozen module's output was changed in place after the first fit batch$"):
+        prefix.add_batch(loss.params(), batch)
+
+
+def test_bytes_per_batch_counts_the_first_held_batch_outputs_and_inputs():
+    from harness.fastpaths import FrozenPrefix, tensor_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    batch = (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
+    loss, found = _find(model, "2", batch)
+    assert found.names == ["0", "1"] and found.bytes_per_batch() == 0  # nothing held yet
+    prefix = FrozenPrefix(loss, ["0", "1"])  # by hand: holds nothing until add_batch
+    assert prefix.bytes_per_batch() == 0
+    prefix.add_batch(loss.params(), batch)
+    prefix.add_batch(loss.params(), (batch[0][:3], batch[1][:3]))
+    # two (10, 6) float64 outputs, then the batch: (10, 4) float64 inputs and (10,) int64 targets
+    assert prefix.bytes_per_batch() == 2 * 10 * 6 * 8 + 10 * 4 * 8 + 10 * 8
+    assert len(prefix.outputs) == 2 and torch.equal(prefix.outputs[1]["1"], torch.tanh(model[0](batch[0][:3])))
+    assert tensor_bytes({"a": torch.zeros(2, 3), "b": [torch.zeros(5, dtype=torch.int8)], "c": "text"}) == 2 * 3 * 4 + 5
