@@ -491,3 +491,15 @@ def test_batchnorm_in_training_mode_is_an_input_error_and_without_running_stats_
     untracked = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3))
     selection = select_parameters(untracked, None)
     assert LayerwiseProjection.find(untracked, selection, FunctionalLoss(untracked, ClassificationTask(), selection)) is None
+
+
+def test_a_float32_projection_checks_a_float64_model_in_float32():
+    """The check compares the layer terms with autograd's gradient both in the projection's dtype:
+    a float64 model's weight gradients of 1e-50 are zero terms in a float32 projection and zero
+    gradients there too, so the batch passes with zero embeddings."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False).double()
+    batch = (1e-50 * torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    projection = torch.randn(12, 3, dtype=torch.float32)
+    layerwise, got = _project_once(model, None, batch, projection)
+    assert layerwise.checked is True and torch.equal(got, torch.zeros(6, 3))
