@@ -182,32 +182,34 @@ class LinearLogitsHead:
         if not _plain_linear(module) or selection.names[0] != f"{prefix}weight":
             return None
         head = cls(model, module, task, has_bias=f"{prefix}bias" in selection.names)
-        inputs, logits, output = head._capture(batch)
-        if output is not logits or inputs is None or inputs.dim() != 2 or logits.dim() != 2:
+        inputs, logits = head._capture(batch)
+        if inputs is None or inputs.dim() != 2:
             return None
-        # a forward hook of the layer (a temperature) can change its output after nn.Linear's forward
+        # the logits must be the layer's x W^T + b as computed: not changed after the layer, nor by a
+        # forward hook of it (a temperature); round-off up to 1e-5 of the largest logit is accepted
         with torch.no_grad():
             recomputed = F.linear(inputs, module.weight, module.bias)
-        if not torch.allclose(recomputed, logits, rtol=1e-5, atol=1e-5 * float(logits.abs().max())):
+        if recomputed.shape != logits.shape or not torch.allclose(
+                recomputed, logits, rtol=1e-5, atol=1e-5 * float(logits.abs().max())):
             return None
         return head
 
     @torch.no_grad()
-    def _capture(self, batch: Any) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    def _capture(self, batch: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
         seen: dict[str, torch.Tensor] = {}
 
-        def keep(_module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            seen["input"], seen["output"] = args[0], output
+        def keep(_module: nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+            seen["input"] = args[0]
 
         handle = self.module.register_forward_hook(keep)
         try:
             logits = self.task.logits(self.model, batch)
         finally:
             handle.remove()
-        return seen.get("input"), logits, seen.get("output")
+        return seen.get("input"), logits
 
     def project(self, batch: Any, projection: torch.Tensor) -> torch.Tensor:
-        inputs, logits, _ = self._capture(batch)
+        inputs, logits = self._capture(batch)
         residual = torch.softmax(logits, dim=-1)
         residual[torch.arange(len(residual), device=residual.device), self.task.targets(batch)] -= 1
         return closed_form_projection(inputs.to(projection.dtype), residual.to(projection.dtype), projection, self.has_bias)

@@ -303,6 +303,40 @@ def test_linear_logits_head_not_found_for_another_loss_or_pooled_token_inputs(lo
     assert _head_found(pooled, None, ClassificationTask(), (tokens, y))[0] is None
 
 
+def test_linear_logits_head_needs_the_layers_output_as_the_logits_up_to_round_off(logreg64):
+    """The closed form differentiates x W^T + b: logits changed by a forward hook of the layer (a
+    temperature, a shift, a slice) get none; a change within 1e-5 of the largest logit (the round-off
+    of another kernel) is accepted."""
+    x, y = logreg64.test
+    scale = float(logreg64.model(x).abs().max())
+    assert scale > 5  # so that 1e-5 x the largest logit differs from 1e-5 / it and from an absolute 1e-8
+
+    def found(change):
+        model = copy.deepcopy(logreg64.model)
+        model.register_forward_hook(lambda _module, _args, output: change(output))
+        return _head_found(model, None, ClassificationTask(), (x, y))[0] is not None
+
+    assert found(lambda output: output)
+    assert found(lambda output: output + 0.5e-5 * scale)
+    assert not found(lambda output: output + 2e-5 * scale)
+    assert not found(lambda output: 2 * output)
+    assert not found(lambda output: output[:, :5])
+
+
+def test_a_last_linear_with_only_its_bias_selected_takes_an_exact_path(mlp64):
+    """theta = the bias alone (all else frozen): the closed form covers weight (+ bias) only, so
+    another path is taken, equal to explicit per-example gradients times the projection."""
+    model = copy.deepcopy(mlp64.model).requires_grad_(False)
+    model[2].bias.requires_grad_(True)
+    loader = DataLoader(TensorDataset(*mlp64.train), batch_size=100)
+    embedder = InfluenceEmbedder(model, arnoldi_dim=4, embedding_dim=2, progress=False).fit(loader)
+    got = embedder.transform(loader)
+    assert embedder.selection.names == ("2.bias",) and embedder.projection_mode_ != "closed_form"
+    loss = FunctionalLoss(model, ClassificationTask(), embedder.selection)
+    expected = loss.per_example_grads(loss.params(), mlp64.train) @ embedder.projection_
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6, atol=1e-9)
+
+
 def test_linear_logits_head_projects_float32_activations_with_a_float64_projection(mlp32):
     """A float64 projection (float64_basis) of a float32 model: inputs and residual are cast to it."""
     x, y = mlp32.test
