@@ -323,6 +323,15 @@ def test_linear_logits_head_needs_the_layers_output_as_the_logits_up_to_round_of
     assert not found(lambda output: output[:, :5])
 
 
+def test_linear_logits_head_not_found_for_a_layer_the_forward_never_calls(logreg64):
+    """A selected nn.Linear that the forward does not call has no captured inputs: no closed form."""
+    x, y = logreg64.test
+    model = nn.ModuleDict({"fc": copy.deepcopy(logreg64.model), "spare": nn.Linear(12, 10).double()})
+    task = ClassificationTask()
+    task.logits = lambda module, batch: module["fc"](batch[0])
+    assert _head_found(model, "spare", task, (x, y))[0] is None
+
+
 def test_a_last_linear_with_only_its_bias_selected_takes_an_exact_path(mlp64):
     """theta = the bias alone (all else frozen): the closed form covers weight (+ bias) only, so
     another path is taken, equal to explicit per-example gradients times the projection."""
