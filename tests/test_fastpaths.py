@@ -332,6 +332,23 @@ def test_linear_logits_head_not_found_for_a_layer_the_forward_never_calls(logreg
     assert _head_found(model, "spare", task, (x, y))[0] is None
 
 
+def test_a_last_linear_called_twice_takes_an_exact_path():
+    """Weights reused (logits = fc(tanh(fc(x)))): the last call's output is the logits, but the
+    gradient has a term from the first call too; the path taken is exact."""
+    torch.manual_seed(0)
+    fc = nn.Linear(4, 4).double()
+    model = nn.Sequential(fc, nn.Tanh(), fc)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (30,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    embedder = InfluenceEmbedder(model, arnoldi_dim=12, embedding_dim=4, progress=False).fit(loader)
+    got = embedder.transform(loader)
+    loss = FunctionalLoss(model, ClassificationTask(), embedder.selection)
+    np.testing.assert_allclose(got, (loss.per_example_grads(loss.params(), (x, y)) @ embedder.projection_).numpy(),
+                               rtol=1e-6, atol=1e-9)
+    assert embedder.projection_mode_ != "closed_form"
+
+
 def test_a_last_linear_with_only_its_bias_selected_takes_an_exact_path(mlp64):
     """theta = the bias alone (all else frozen): the closed form covers weight (+ bias) only, so
     another path is taken, equal to explicit per-example gradients times the projection."""
