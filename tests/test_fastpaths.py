@@ -132,21 +132,29 @@ class _DoubledLinear(nn.Linear):
         return 2 * super().forward(x)
 
 
+def _exact_without_the_closed_form(model, n_features, n_classes, layers=None):
+    """Fit and transform under projection="auto": embeddings equal explicit per-example gradients
+    times the projection, by a path other than the closed form. The loader, for further checks."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, n_features, generator=g, dtype=torch.float64)
+    y = torch.randint(0, n_classes, (30,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    embedder = InfluenceEmbedder(model, layers=layers, arnoldi_dim=12, embedding_dim=4, progress=False).fit(loader)
+    got = embedder.transform(loader)
+    loss = FunctionalLoss(model, ClassificationTask(), embedder.selection)
+    np.testing.assert_allclose(got, (loss.per_example_grads(loss.params(), (x, y)) @ embedder.projection_).numpy(),
+                               rtol=1e-6, atol=1e-9)
+    assert embedder.projection_mode_ != "closed_form"
+    return loader
+
+
 def test_auto_projection_of_a_linear_whose_forward_hook_scales_its_output_is_exact():
     """A forward hook (a temperature of 2) keeps nn.Linear's forward but not x W^T + b as the
     logits: the closed form would miss the factor; the path taken is exact."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     model[2].register_forward_hook(lambda _module, _args, output: 2 * output)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=10)
-    embedder = InfluenceEmbedder(model, layers="2", arnoldi_dim=12, embedding_dim=4, progress=False).fit(loader)
-    got = embedder.transform(loader)
-    loss = FunctionalLoss(model, ClassificationTask(), embedder.selection)
-    np.testing.assert_allclose(got, (loss.per_example_grads(loss.params(), (x, y)) @ embedder.projection_).numpy(),
-                               rtol=1e-6, atol=1e-9)
-    assert embedder.projection_mode_ != "closed_form"
+    _exact_without_the_closed_form(model, 5, 3, layers="2")
 
 
 def test_fast_embedder_takes_the_closed_form_for_a_last_linear(mlp64):
@@ -166,15 +174,7 @@ def test_auto_projection_of_a_linear_subclass_with_its_own_forward_is_exact():
     whose embeddings equal explicit per-example gradients times the projection."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), _DoubledLinear(6, 3)).double()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=10)
-    embedder = InfluenceEmbedder(model, layers="2", arnoldi_dim=12, embedding_dim=4, progress=False).fit(loader)
-    got = embedder.transform(loader)
-    loss = FunctionalLoss(model, ClassificationTask(), embedder.selection)
-    grads = loss.per_example_grads(loss.params(), (x, y))
-    np.testing.assert_allclose(got, (grads @ embedder.projection_).numpy(), rtol=1e-6, atol=1e-9)
-    assert embedder.projection_mode_ != "closed_form"
+    loader = _exact_without_the_closed_form(model, 5, 3, layers="2")
     with pytest.raises(InputError, match="closed_form"):
         InfluenceEmbedder(model, layers="2", arnoldi_dim=12, embedding_dim=4, projection="closed_form",
                           progress=False).fit(loader).transform(loader)
@@ -338,15 +338,7 @@ def test_a_last_linear_called_twice_takes_an_exact_path():
     torch.manual_seed(0)
     fc = nn.Linear(4, 4).double()
     model = nn.Sequential(fc, nn.Tanh(), fc)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (30,), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=10)
-    embedder = InfluenceEmbedder(model, arnoldi_dim=12, embedding_dim=4, progress=False).fit(loader)
-    got = embedder.transform(loader)
-    loss = FunctionalLoss(model, ClassificationTask(), embedder.selection)
-    np.testing.assert_allclose(got, (loss.per_example_grads(loss.params(), (x, y)) @ embedder.projection_).numpy(),
-                               rtol=1e-6, atol=1e-9)
-    assert embedder.projection_mode_ != "closed_form"
+    _exact_without_the_closed_form(model, 4, 4)
 
 
 def test_a_last_linear_with_only_its_bias_selected_takes_an_exact_path(mlp64):
